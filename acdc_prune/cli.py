@@ -1,0 +1,217 @@
+"""The ``acdc-prune`` command line: parse arguments, call the library, print with rich.
+
+Heavy libraries (torch, MONAI) are imported inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    help="Train, prune and evaluate 2D U-Nets on short-axis cardiac MRI (ACDC) with MONAI.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Check or generate data sets.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the config schema and resolved configs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+_state = {"debug": False}
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults apply to the rest.")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Dotted override, repeatable: --set training.epochs=5"),
+]
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """acdc-prune: structured pruning of cardiac segmentation U-Nets, measured honestly."""
+    _state["debug"] = debug
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    """Run a command body; report known errors as one line and exit non-zero (traceback with --debug)."""
+    from acdc_prune.errors import AcdcPruneError
+
+    try:
+        return action()
+    except AcdcPruneError as err:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except (OSError, MemoryError) as err:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {err.__class__.__name__}: {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as err:
+        if _state["debug"]:
+            raise
+        err_console.print(
+            f"[bold red]unexpected error:[/] {err.__class__.__name__}: {err} (run with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _load_config(config: Path | None, overrides: list[str] | None, data: Path | None = None):
+    from acdc_prune.config import load_config
+
+    extra = [f"data.root={data}"] if data is not None else []
+    return load_config(config, [*(overrides or []), *extra])
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None, overrides: SetOption = None) -> None:
+    """Print the resolved config (defaults + file + overrides) as YAML.
+
+    Example: acdc-prune config show -c configs/demo.yaml --set training.epochs=5
+    """
+
+    def body() -> None:
+        import yaml
+
+        console.print(yaml.safe_dump(_load_config(config, overrides).to_dict(), sort_keys=False), highlight=False)
+
+    _run(body)
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """List every config key with its type, default and meaning.
+
+    Example: acdc-prune config keys
+    """
+    from rich.table import Table
+
+    from acdc_prune.config import describe_fields
+
+    table = Table("key", "type", "default", "meaning")
+    for key, type_name, default, doc in describe_fields():
+        table.add_row(key, type_name, repr(default), doc)
+    console.print(table)
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[Path, typer.Argument(help="Data set folder (ACDC or nnU-Net raw layout).")],
+    layout: Annotated[str, typer.Option(help="auto, acdc or nnunet.")] = "auto",
+) -> None:
+    """Summarise a data set and list every problem found; exits 1 if there are problems.
+
+    Example: acdc-prune data check ~/ACDC/training
+    """
+
+    def body() -> None:
+        from acdc_prune.data import check_dataset
+        from acdc_prune.reporting import print_dataset_report
+
+        report = check_dataset(path, layout=layout)
+        print_dataset_report(report, console)
+        if not report.ok:
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Folder to create (must not exist or be empty).")],
+    patients: Annotated[int, typer.Option("--patients", "-n", min=1, help="Number of patients.")] = 20,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; the same seed gives byte-identical files.")] = 0,
+) -> None:
+    """Write a phantom data set in the ACDC layout (no download needed).
+
+    Example: acdc-prune data synth phantom/ --patients 20 --seed 0
+    """
+
+    def body() -> None:
+        from acdc_prune.data import synthesize_dataset
+
+        root = synthesize_dataset(out, patients, seed)
+        console.print(f"wrote {patients} phantom patients to [bold]{root}[/]")
+
+    _run(body)
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    data: Annotated[Path | None, typer.Option(help="Data folder; overrides data.root (default: phantom).")] = None,
+    overrides: SetOption = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this folder from its last.pt.")
+    ] = None,
+) -> None:
+    """Train a segmentation network; writes runs/<experiment>/<run-id>/.
+
+    Example: acdc-prune train --data ~/ACDC/training -c configs/acdc.yaml --set training.epochs=100
+    """
+
+    def body() -> None:
+        from acdc_prune.engine.trainer import train as train_model
+
+        if resume is not None:
+            cfg = _load_config(resume / "config.yaml", overrides)
+        else:
+            cfg = _load_config(config, overrides, data)
+        result = train_model(cfg, resume=resume, console=console)
+        console.print(
+            f"best mean foreground Dice {result.best_dice:.4f} at epoch {result.best_epoch}; "
+            f"run folder [bold]{result.run_dir}[/]"
+        )
+
+    _run(body)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
+    data: Annotated[Path, typer.Option(help="Labelled data folder (ACDC or nnU-Net layout).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder in the run).")] = None,
+    save_predictions: Annotated[bool, typer.Option(help="Write predictions as NIfTI.")] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Score a model per structure and phase (Dice, HD95, IoU, clinical indices) and time it.
+
+    Example: acdc-prune evaluate runs/acdc/20261121-101500 --data ~/ACDC/testing
+    """
+
+    def body() -> None:
+        from acdc_prune.experiments.workflow import evaluate_folder
+
+        evaluate_folder(model, data, out=out, save_predictions=save_predictions, overrides=overrides, console=console)
+
+    _run(body)
+
+
+def run() -> None:
+    """Entry point for ``python -m acdc_prune``."""
+    app(prog_name="acdc-prune")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

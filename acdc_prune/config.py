@@ -1,0 +1,353 @@
+"""Typed experiment config: YAML with defaults, dotted overrides, and validation with clear errors.
+
+A config has six sections (``data``, ``model``, ``training``, ``pruning``, ``evaluation``,
+``logging``). Every field has a type and, where it matters, a range or a set of choices; an unknown
+key is refused with the closest valid key as a hint, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from acdc_prune.errors import ConfigError
+
+
+def _spec(default: Any = MISSING, *, factory: Any = MISSING, doc: str = "", **limits: Any) -> Any:
+    """A dataclass field carrying its help text and validation limits.
+
+    Args:
+        default: default value (immutable types).
+        factory: default factory (lists, dicts).
+        doc: one-line meaning of the field, shown by ``acdc-prune config show``.
+        limits: any of ``choices`` (allowed values), ``ge``/``gt``/``le``/``lt`` (numeric bounds,
+            applied to every element of a list or value of a dict), ``length`` (exact list length).
+    """
+    metadata = {"doc": doc, **limits}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is preprocessed and split."""
+
+    root: str | None = _spec(None, doc="data set folder (ACDC or nnU-Net raw layout); null = phantom")
+    layout: str = _spec("auto", choices=("auto", "acdc", "nnunet"), doc="folder layout")
+    split: str = _spec(
+        "stratified",
+        choices=("stratified", "benchmark"),
+        doc="patient split: seeded and stratified by group, or ACDC's fixed benchmark split",
+    )
+    val_fraction: float = _spec(0.2, gt=0.0, lt=1.0, doc="share of patients used for validation")
+    split_seed: int = _spec(0, ge=0, doc="seed of the patient split")
+    target_spacing: list[float] = _spec(
+        factory=lambda: [1.25, 1.25], gt=0.0, length=2, doc="in-plane spacing in mm after resampling"
+    )
+    patch_size: list[int] = _spec(factory=lambda: [224, 224], gt=0, length=2, doc="training crop in pixels")
+    intensity_percentiles: list[float] = _spec(
+        factory=lambda: [0.5, 99.5], ge=0.0, le=100.0, length=2, doc="clip percentiles before z-scoring"
+    )
+    foreground_prob: float = _spec(0.67, ge=0.0, le=1.0, doc="chance a training crop is centred on the heart")
+    augment: bool = _spec(True, doc="random flips, rotations, scaling, intensity and noise in training")
+    cache: str = _spec("memory", choices=("memory", "disk", "none"), doc="cache of preprocessed volumes")
+    cache_dir: str | None = _spec(None, doc="folder for the disk cache; null = <runs_dir>/.cache")
+    num_workers: int = _spec(0, ge=0, doc="data loader worker processes")
+    phantom_patients: int = _spec(20, ge=2, doc="patients in the phantom data set used when root is null")
+    phantom_seed: int = _spec(0, ge=0, doc="seed of the phantom data set")
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build and with which widths."""
+
+    name: str = _spec(
+        "unet",
+        choices=("unet", "monai_unet", "basic_unet", "attention_unet", "dynunet", "segresnet"),
+        doc="the project's U-Net or a MONAI network from the registry",
+    )
+    in_channels: int = _spec(1, ge=1, doc="input channels (1 for cine MRI)")
+    out_channels: int = _spec(4, ge=2, doc="classes including background (4 for ACDC)")
+    features: list[int] = _spec(factory=lambda: [32, 64, 128, 256, 320], gt=0, doc="width of each encoder level")
+    bottleneck: int | None = _spec(None, gt=0, doc="bottleneck width; null = twice the last level")
+    norm: str = _spec("batch", choices=("batch", "instance", "group"), doc="normalisation layer")
+    act: str = _spec("relu", choices=("relu", "leakyrelu", "prelu"), doc="activation")
+    dropout: float = _spec(0.0, ge=0.0, lt=1.0, doc="dropout after each conv block")
+    residual: bool = _spec(False, doc="residual conv blocks")
+    upsample: str = _spec("deconv", choices=("deconv", "nontrainable"), doc="decoder up-sampling")
+    kwargs: dict[str, Any] = _spec(factory=dict, doc="extra constructor arguments of a MONAI network")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, schedule, checkpoints and devices."""
+
+    epochs: int = _spec(50, ge=1, doc="training epochs")
+    batch_size: int = _spec(16, ge=1, doc="slices per batch")
+    iterations_per_epoch: int | None = _spec(None, ge=1, doc="batches per epoch; null = one pass over slices")
+    optimizer: str = _spec("adamw", choices=("adamw", "sgd"), doc="optimiser")
+    lr: float = _spec(1e-3, gt=0.0, doc="peak learning rate")
+    weight_decay: float = _spec(1e-4, ge=0.0, doc="weight decay")
+    momentum: float = _spec(0.99, ge=0.0, lt=1.0, doc="SGD momentum (Nesterov)")
+    scheduler: str = _spec("cosine", choices=("cosine", "poly", "none"), doc="learning-rate schedule")
+    warmup_epochs: int = _spec(1, ge=0, doc="linear warm-up epochs")
+    grad_clip: float | None = _spec(12.0, gt=0.0, doc="gradient norm clip; null = off")
+    dice_weight: float = _spec(1.0, ge=0.0, doc="weight of the Dice term of DiceCE")
+    ce_weight: float = _spec(1.0, ge=0.0, doc="weight of the cross-entropy term of DiceCE")
+    amp: bool = _spec(True, doc="mixed precision (CUDA only)")
+    channels_last: bool = _spec(True, doc="channels-last memory format (CUDA only)")
+    device: str = _spec("auto", doc="auto, cpu, cuda or cuda:N")
+    seed: int = _spec(0, ge=0, doc="seed of weights, sampling and augmentation")
+    val_every: int = _spec(1, ge=1, doc="validate every N epochs")
+    checkpoint_epochs: list[int] = _spec(factory=lambda: [5], ge=1, doc="epochs kept as rewind points")
+    num_threads: int | None = _spec(None, ge=1, doc="CPU threads for torch; null = torch's default")
+
+
+@dataclass
+class PruningConfig:
+    """Block-wise structured pruning and what happens to the surviving weights."""
+
+    ratios: dict[str, float] = _spec(
+        factory=lambda: {"default": 0.5}, ge=0.0, lt=1.0, doc="share of filters removed per block prefix"
+    )
+    importance: str = _spec("l1", choices=("l1", "l2"), doc="filter norm ranking channels")
+    reinit: str = _spec("none", choices=("none", "random", "rewind"), doc="weights of the pruned network")
+    rewind_to: str = _spec("epoch5", doc="checkpoint of the same run that rewind loads")
+    retrain_epochs: int = _spec(10, ge=0, doc="epochs of retraining after pruning")
+    retrain_lr: float | None = _spec(None, gt=0.0, doc="peak retraining learning rate; null = training.lr")
+    lr_rewind: bool = _spec(False, doc="replay the original schedule's tail (Renda et al. 2020)")
+    round_to: int = _spec(1, ge=1, doc="round kept widths to a multiple of this")
+
+
+@dataclass
+class EvaluationConfig:
+    """How models are scored and timed."""
+
+    hd_percentile: float = _spec(95.0, gt=0.0, le=100.0, doc="Hausdorff distance percentile")
+    batch_size: int = _spec(16, ge=1, doc="slices per inference batch")
+    save_predictions: bool = _spec(False, doc="write predicted labels as NIfTI in original geometry")
+    overlays: int = _spec(4, ge=0, doc="overlay PNGs written")
+    latency_repeats: int = _spec(20, ge=1, doc="timed forward passes (median reported)")
+    latency_warmup: int = _spec(5, ge=0, doc="untimed forward passes before timing")
+    latency_size: list[int] = _spec(factory=lambda: [224, 224], gt=0, length=2, doc="slice size for latency")
+
+
+@dataclass
+class LoggingConfig:
+    """Where results go and which trackers receive them."""
+
+    runs_dir: str = _spec("runs", doc="root of all run folders")
+    experiment: str = _spec("default", doc="experiment name: runs/<experiment>/<run-id>")
+    tensorboard: bool = _spec(True, doc="write TensorBoard event files")
+    wandb: bool = _spec(False, doc="log to Weights & Biases if installed")
+    wandb_project: str = _spec("acdc-prune", doc="W&B project")
+    progress: bool = _spec(True, doc="rich progress bars")
+
+
+@dataclass
+class Config:
+    """The whole experiment config."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON serialisable)."""
+        return asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    """A hint for an unknown key: the closest valid key, or the list of valid keys."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{prefix}{close[0]}'?"
+    return f"valid keys: {', '.join(prefix + k for k in valid)}"
+
+
+def _check_limits(path: str, value: Any, meta: dict[str, Any]) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{path}: '{value}' is not one of {', '.join(map(str, meta['choices']))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{path}: NaN is not a valid value")
+        for op, test, word in (
+            ("ge", lambda v, b: v >= b, ">="),
+            ("gt", lambda v, b: v > b, ">"),
+            ("le", lambda v, b: v <= b, "<="),
+            ("lt", lambda v, b: v < b, "<"),
+        ):
+            if op in meta and not test(value, meta[op]):
+                raise ConfigError(f"{path}: {value} is out of range (must be {word} {meta[op]})")
+
+
+def _coerce(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
+    """Check ``value`` against type ``tp`` and the field's limits; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{path}: null is not allowed")
+        inner = [t for t in options if t is not type(None)]
+        return _coerce(path, value, inner[0], meta)
+    if tp is Any:
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        if "length" in meta and len(value) != meta["length"]:
+            raise ConfigError(f"{path}: expected {meta['length']} values, got {len(value)}")
+        return [_coerce(f"{path}[{i}]", v, item_tp, meta) for i, v in enumerate(value)]
+    if origin is dict:
+        _, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{path}.{k}", v, value_tp, meta) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+    _check_limits(path, value, meta)
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, validating every key and value."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{path}': {_suggest(str(key), sorted(known), prefix)}")
+        tp = hints[key]
+        if is_dataclass(tp):
+            values[key] = _build(tp, value, f"{path}.")
+        else:
+            values[key] = _coerce(path, value, tp, dict(known[key].metadata))
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    """Validate a nested mapping and return a :class:`Config`; missing keys take their defaults.
+
+    Raises:
+        ConfigError: naming the key for unknown keys (with the closest valid key), wrong types and
+            out-of-range values.
+    """
+    config = _build(Config, raw, "")
+    if "default" not in config.pruning.ratios:
+        config.pruning.ratios = {"default": 0.0, **config.pruning.ratios}
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"training.epochs=5"`` into ``(["training", "epochs"], 5)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. training.epochs=5")
+    key, _, value = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"override '{text}' must name a section and a key, e.g. training.epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err.__class__.__name__})") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each dotted ``key=value`` override set (validation comes later)."""
+    merged = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = merged
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Load a YAML file safely; a missing file or a syntax error is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or err.__class__.__name__
+        raise ConfigError(f"{path}: YAML syntax error{where} ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected UTF-8 YAML)") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config: defaults, then the YAML file at ``path`` (optional), then ``overrides``.
+
+    Args:
+        path: YAML file with any subset of the sections; ``None`` uses the defaults.
+        overrides: dotted ``section.key=value`` strings, e.g. ``["training.epochs=5"]``.
+    """
+    raw = read_yaml(path) if path is not None else {}
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, training, ...)")
+    return config_from_dict(apply_overrides(raw or {}, overrides or []))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the file a run folder keeps)."""
+    from acdc_prune.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """List ``(dotted key, type, default, meaning)`` for every config field, for help output."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default is MISSING else f.default
+        rows.append((f"{prefix}{f.name}", _type_name(tp), default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Workflows that chain training, pruning and evaluation: prune, inspect, sweep, demo, reports."""

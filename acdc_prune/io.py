@@ -1,0 +1,101 @@
+"""Atomic file writes, safe checkpoint loading and collision-free run folders."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from acdc_prune.errors import CheckpointError, ConfigError
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """Write through ``write(file)`` into a temporary sibling, fsync it, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: readers see the old file or the new one."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")), "wb")
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (a crash never leaves a truncated checkpoint)."""
+    import torch
+
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def safe_torch_load(path: Path) -> Any:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only, no code).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, or holds pickled objects that are not plain
+            data (a file that is not ours, or one crafted to run code).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for bad files; all mean "not a checkpoint"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        if "weights_only" in reason or "Unsupported global" in reason or "GLOBAL" in reason:
+            reason = "it contains pickled objects that are not plain tensors (refused for safety)"
+        elif "zip" in reason.lower() or "EOF" in reason or "truncated" in reason.lower():
+            reason = "it is truncated or not a PyTorch file"
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
+
+
+def check_name(name: str, what: str) -> str:
+    """Refuse names that could escape the runs folder (``..``, ``/``, absolute paths, empty)."""
+    if not _NAME_PATTERN.match(name or "") or ".." in name:
+        raise ConfigError(
+            f"{what} '{name}' is not allowed: use letters, digits, '.', '_' and '-' (no '/' or '..')"
+        )
+    return name
+
+
+def new_run_dir(runs_dir: str | Path, experiment: str, prefix: str = "") -> Path:
+    """Create and return a new, unique ``runs_dir/experiment/<timestamp>[-N]`` folder.
+
+    The folder is created with ``exist_ok=False`` so two runs started in the same second never share
+    one: the second gets a ``-2`` suffix.
+    """
+    check_name(experiment, "experiment name")
+    parent = Path(runs_dir) / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = prefix + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        candidate = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a new run folder under {parent}")
