@@ -31,7 +31,7 @@ app.add_typer(config_app, name="config")
 _state = {"debug": False}
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults apply to the rest.")
+    Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults fill the rest.")
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -64,13 +64,15 @@ def _run(action: Callable[[], Any]) -> Any:
     except (OSError, MemoryError) as err:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {err.__class__.__name__}: {err}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {err.__class__.__name__}: {err}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
     except Exception as err:
         if _state["debug"]:
             raise
         err_console.print(
-            f"[bold red]unexpected error:[/] {err.__class__.__name__}: {err} (run with --debug for the traceback)",
+            f"[bold red]unexpected error:[/] {err.__class__.__name__}: {err} (--debug shows the traceback)",
             highlight=False,
             soft_wrap=True,
         )
@@ -94,7 +96,9 @@ def config_show(config: ConfigOption = None, overrides: SetOption = None) -> Non
     def body() -> None:
         import yaml
 
-        console.print(yaml.safe_dump(_load_config(config, overrides).to_dict(), sort_keys=False), highlight=False)
+        console.print(
+            yaml.safe_dump(_load_config(config, overrides).to_dict(), sort_keys=False), highlight=False
+        )
 
     _run(body)
 
@@ -160,7 +164,7 @@ def data_synth(
 @app.command()
 def train(
     config: ConfigOption = None,
-    data: Annotated[Path | None, typer.Option(help="Data folder; overrides data.root (default: phantom).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data folder (sets data.root; default: phantom).")] = None,
     overrides: SetOption = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this folder from its last.pt.")
@@ -191,7 +195,7 @@ def train(
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
     data: Annotated[Path, typer.Option(help="Labelled data folder (ACDC or nnU-Net layout).")],
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder in the run).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/eval/<time>).")] = None,
     save_predictions: Annotated[bool, typer.Option(help="Write predictions as NIfTI.")] = False,
     overrides: SetOption = None,
 ) -> None:
@@ -201,9 +205,127 @@ def evaluate(
     """
 
     def body() -> None:
-        from acdc_prune.experiments.workflow import evaluate_folder
+        from acdc_prune.experiments.evaluation import evaluate_folder
 
-        evaluate_folder(model, data, out=out, save_predictions=save_predictions, overrides=overrides, console=console)
+        evaluate_folder(
+            model, data, out=out, save_predictions=save_predictions, overrides=overrides, console=console
+        )
+
+    _run(body)
+
+
+@app.command()
+def prune(
+    run_dir: Annotated[Path, typer.Argument(help="Trained run folder (best.pt, config.yaml, epochN.pt).")],
+    ratios: Annotated[
+        Path, typer.Option(help="YAML: 'default: 0.25' plus block prefixes, e.g. 'encoders.1: 0.5'.")
+    ],
+    rewind: Annotated[
+        str | None, typer.Option(help="Rewind surviving weights to this checkpoint of the run, e.g. epoch5.")
+    ] = None,
+    reinit: Annotated[
+        str | None, typer.Option(help="none (keep weights) or random; --rewind implies rewind.")
+    ] = None,
+    retrain_epochs: Annotated[int | None, typer.Option(min=0, help="Retraining epochs (0 = none).")] = None,
+    retrain_lr: Annotated[float | None, typer.Option(help="Peak retraining learning rate.")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Prune this checkpoint instead of the run's best.pt.")
+    ] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Prune filters by L1 norm, rebuild a smaller network, re-initialise, retrain and evaluate.
+
+    Example: acdc-prune prune runs/acdc/20261121-101500 --ratios configs/ratios.yaml --rewind epoch5
+    """
+
+    def body() -> None:
+        from acdc_prune.errors import ConfigError
+        from acdc_prune.experiments.prune import prune_run, read_ratios
+
+        if rewind is not None and reinit not in (None, "rewind"):
+            raise ConfigError(f"--rewind {rewind} and --reinit {reinit} contradict each other; give one")
+        mode = "rewind" if rewind is not None else (reinit or "none")
+        result = prune_run(
+            run_dir,
+            read_ratios(ratios),
+            reinit=mode,
+            rewind_to=rewind,
+            retrain_epochs=retrain_epochs,
+            retrain_lr=retrain_lr,
+            checkpoint=checkpoint,
+            overrides=overrides,
+            console=console,
+        )
+        params, macs = result.meta["params"], result.meta["macs"]
+        console.print(
+            f"params {params['before']:,} -> {params['after']:,}, "
+            f"MACs {macs['before']:,} -> {macs['after']:,}; mean Dice "
+            f"{result.before['mean_dice']:.4f} before retraining, {result.after['mean_dice']:.4f} after"
+        )
+        console.print(f"pruned model in [bold]{result.out_dir}[/]")
+
+    _run(body)
+
+
+@app.command()
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
+    ratios: Annotated[Path | None, typer.Option(help="Preview what this ratios file would remove.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint of the run: best, last, epoch5...")] = "best",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/inspect/<time>).")] = None,
+) -> None:
+    """Filter-norm statistics, histograms and heat map, widths per block, and a ratios preview.
+
+    Example: acdc-prune inspect runs/acdc/20261121-101500 --ratios configs/ratios.yaml
+    """
+
+    def body() -> None:
+        from acdc_prune.experiments.inspect import inspect_run
+        from acdc_prune.experiments.prune import read_ratios
+
+        preview = read_ratios(ratios) if ratios is not None else None
+        inspect_run(run_dir, ratios=preview, checkpoint=checkpoint, out=out, console=console)
+
+    _run(body)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep YAML (see configs/demo-sweep.yaml).")],
+    data: Annotated[
+        Path | None, typer.Option(help="Data folder (sets data.root of the base config).")
+    ] = None,
+) -> None:
+    """Baseline once, then every ratios setting x mode: prune, retrain, evaluate; re-running resumes.
+
+    Example: acdc-prune sweep -c configs/acdc-sweep.yaml --data ~/ACDC/training
+    """
+
+    def body() -> None:
+        from acdc_prune.experiments.sweep import load_sweep, run_sweep
+
+        spec, base_dir = load_sweep(config)
+        run_sweep(spec, base_dir, data=data, console=console)
+
+    _run(body)
+
+
+@app.command()
+def demo(
+    data: Annotated[
+        Path | None, typer.Option(help="Real ACDC training folder (default: the phantom).")
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Root folder of the results.")] = Path("runs"),
+) -> None:
+    """The whole pipeline on the built-in phantom: train, prune x {none, random, rewind}, retrain, compare.
+
+    Example: acdc-prune demo            (or: acdc-prune demo --data ~/ACDC/training)
+    """
+
+    def body() -> None:
+        from acdc_prune.experiments.demo import run_demo
+
+        run_demo(data=data, runs_dir=runs_dir, console=console)
 
     _run(body)
 

@@ -20,7 +20,7 @@ import yaml
 from acdc_prune.errors import ConfigError
 
 
-def _spec(default: Any = MISSING, *, factory: Any = MISSING, doc: str = "", **limits: Any) -> Any:
+def spec(default: Any = MISSING, *, factory: Any = MISSING, doc: str = "", **limits: Any) -> Any:
     """A dataclass field carrying its help text and validation limits.
 
     Args:
@@ -40,116 +40,118 @@ def _spec(default: Any = MISSING, *, factory: Any = MISSING, doc: str = "", **li
 class DataConfig:
     """Where the data is and how it is preprocessed and split."""
 
-    root: str | None = _spec(None, doc="data set folder (ACDC or nnU-Net raw layout); null = phantom")
-    layout: str = _spec("auto", choices=("auto", "acdc", "nnunet"), doc="folder layout")
-    split: str = _spec(
+    root: str | None = spec(None, doc="data set folder (ACDC or nnU-Net raw layout); null = phantom")
+    layout: str = spec("auto", choices=("auto", "acdc", "nnunet"), doc="folder layout")
+    split: str = spec(
         "stratified",
         choices=("stratified", "benchmark"),
         doc="patient split: seeded and stratified by group, or ACDC's fixed benchmark split",
     )
-    val_fraction: float = _spec(0.2, gt=0.0, lt=1.0, doc="share of patients used for validation")
-    split_seed: int = _spec(0, ge=0, doc="seed of the patient split")
-    target_spacing: list[float] = _spec(
+    val_fraction: float = spec(0.2, gt=0.0, lt=1.0, doc="share of patients used for validation")
+    split_seed: int = spec(0, ge=0, doc="seed of the patient split")
+    target_spacing: list[float] = spec(
         factory=lambda: [1.25, 1.25], gt=0.0, length=2, doc="in-plane spacing in mm after resampling"
     )
-    patch_size: list[int] = _spec(factory=lambda: [224, 224], gt=0, length=2, doc="training crop in pixels")
-    intensity_percentiles: list[float] = _spec(
+    patch_size: list[int] = spec(factory=lambda: [224, 224], gt=0, length=2, doc="training crop in pixels")
+    intensity_percentiles: list[float] = spec(
         factory=lambda: [0.5, 99.5], ge=0.0, le=100.0, length=2, doc="clip percentiles before z-scoring"
     )
-    foreground_prob: float = _spec(0.67, ge=0.0, le=1.0, doc="chance a training crop is centred on the heart")
-    augment: bool = _spec(True, doc="random flips, rotations, scaling, intensity and noise in training")
-    cache: str = _spec("memory", choices=("memory", "disk", "none"), doc="cache of preprocessed volumes")
-    cache_dir: str | None = _spec(None, doc="folder for the disk cache; null = <runs_dir>/.cache")
-    num_workers: int = _spec(0, ge=0, doc="data loader worker processes")
-    phantom_patients: int = _spec(20, ge=2, doc="patients in the phantom data set used when root is null")
-    phantom_seed: int = _spec(0, ge=0, doc="seed of the phantom data set")
+    foreground_prob: float = spec(0.67, ge=0.0, le=1.0, doc="chance a training crop is centred on the heart")
+    augment: bool = spec(True, doc="random flips, rotations, scaling, intensity and noise in training")
+    cache: str = spec("memory", choices=("memory", "disk", "none"), doc="cache of preprocessed volumes")
+    cache_dir: str | None = spec(None, doc="folder for the disk cache; null = <runs_dir>/.cache")
+    num_workers: int = spec(0, ge=0, doc="data loader worker processes")
+    phantom_patients: int = spec(20, ge=2, doc="patients in the phantom data set used when root is null")
+    phantom_seed: int = spec(0, ge=0, doc="seed of the phantom data set")
 
 
 @dataclass
 class ModelConfig:
     """Which network to build and with which widths."""
 
-    name: str = _spec(
+    name: str = spec(
         "unet",
         choices=("unet", "monai_unet", "basic_unet", "attention_unet", "dynunet", "segresnet"),
         doc="the project's U-Net or a MONAI network from the registry",
     )
-    in_channels: int = _spec(1, ge=1, doc="input channels (1 for cine MRI)")
-    out_channels: int = _spec(4, ge=2, doc="classes including background (4 for ACDC)")
-    features: list[int] = _spec(factory=lambda: [32, 64, 128, 256, 320], gt=0, doc="width of each encoder level")
-    bottleneck: int | None = _spec(None, gt=0, doc="bottleneck width; null = twice the last level")
-    norm: str = _spec("batch", choices=("batch", "instance", "group"), doc="normalisation layer")
-    act: str = _spec("relu", choices=("relu", "leakyrelu", "prelu"), doc="activation")
-    dropout: float = _spec(0.0, ge=0.0, lt=1.0, doc="dropout after each conv block")
-    residual: bool = _spec(False, doc="residual conv blocks")
-    upsample: str = _spec("deconv", choices=("deconv", "nontrainable"), doc="decoder up-sampling")
-    kwargs: dict[str, Any] = _spec(factory=dict, doc="extra constructor arguments of a MONAI network")
+    in_channels: int = spec(1, ge=1, doc="input channels (1 for cine MRI)")
+    out_channels: int = spec(4, ge=2, doc="classes including background (4 for ACDC)")
+    features: list[int] = spec(
+        factory=lambda: [32, 64, 128, 256, 320], gt=0, doc="width of each encoder level"
+    )
+    bottleneck: int | None = spec(None, gt=0, doc="bottleneck width; null = twice the last level")
+    norm: str = spec("batch", choices=("batch", "instance", "group"), doc="normalisation layer")
+    act: str = spec("relu", choices=("relu", "leakyrelu", "prelu"), doc="activation")
+    dropout: float = spec(0.0, ge=0.0, lt=1.0, doc="dropout after each conv block")
+    residual: bool = spec(False, doc="residual conv blocks")
+    upsample: str = spec("deconv", choices=("deconv", "nontrainable"), doc="decoder up-sampling")
+    kwargs: dict[str, Any] = spec(factory=dict, doc="extra constructor arguments of a MONAI network")
 
 
 @dataclass
 class TrainingConfig:
     """Optimisation, schedule, checkpoints and devices."""
 
-    epochs: int = _spec(50, ge=1, doc="training epochs")
-    batch_size: int = _spec(16, ge=1, doc="slices per batch")
-    iterations_per_epoch: int | None = _spec(None, ge=1, doc="batches per epoch; null = one pass over slices")
-    optimizer: str = _spec("adamw", choices=("adamw", "sgd"), doc="optimiser")
-    lr: float = _spec(1e-3, gt=0.0, doc="peak learning rate")
-    weight_decay: float = _spec(1e-4, ge=0.0, doc="weight decay")
-    momentum: float = _spec(0.99, ge=0.0, lt=1.0, doc="SGD momentum (Nesterov)")
-    scheduler: str = _spec("cosine", choices=("cosine", "poly", "none"), doc="learning-rate schedule")
-    warmup_epochs: int = _spec(1, ge=0, doc="linear warm-up epochs")
-    grad_clip: float | None = _spec(12.0, gt=0.0, doc="gradient norm clip; null = off")
-    dice_weight: float = _spec(1.0, ge=0.0, doc="weight of the Dice term of DiceCE")
-    ce_weight: float = _spec(1.0, ge=0.0, doc="weight of the cross-entropy term of DiceCE")
-    amp: bool = _spec(True, doc="mixed precision (CUDA only)")
-    channels_last: bool = _spec(True, doc="channels-last memory format (CUDA only)")
-    device: str = _spec("auto", doc="auto, cpu, cuda or cuda:N")
-    seed: int = _spec(0, ge=0, doc="seed of weights, sampling and augmentation")
-    val_every: int = _spec(1, ge=1, doc="validate every N epochs")
-    checkpoint_epochs: list[int] = _spec(factory=lambda: [5], ge=1, doc="epochs kept as rewind points")
-    num_threads: int | None = _spec(None, ge=1, doc="CPU threads for torch; null = torch's default")
+    epochs: int = spec(50, ge=1, doc="training epochs")
+    batch_size: int = spec(16, ge=1, doc="slices per batch")
+    iterations_per_epoch: int | None = spec(None, ge=1, doc="batches per epoch; null = one pass over slices")
+    optimizer: str = spec("adamw", choices=("adamw", "sgd"), doc="optimiser")
+    lr: float = spec(1e-3, gt=0.0, doc="peak learning rate")
+    weight_decay: float = spec(1e-4, ge=0.0, doc="weight decay")
+    momentum: float = spec(0.99, ge=0.0, lt=1.0, doc="SGD momentum (Nesterov)")
+    scheduler: str = spec("cosine", choices=("cosine", "poly", "none"), doc="learning-rate schedule")
+    warmup_epochs: int = spec(1, ge=0, doc="linear warm-up epochs")
+    grad_clip: float | None = spec(12.0, gt=0.0, doc="gradient norm clip; null = off")
+    dice_weight: float = spec(1.0, ge=0.0, doc="weight of the Dice term of DiceCE")
+    ce_weight: float = spec(1.0, ge=0.0, doc="weight of the cross-entropy term of DiceCE")
+    amp: bool = spec(True, doc="mixed precision (CUDA only)")
+    channels_last: bool = spec(True, doc="channels-last memory format (CUDA only)")
+    device: str = spec("auto", doc="auto, cpu, cuda or cuda:N")
+    seed: int = spec(0, ge=0, doc="seed of weights, sampling and augmentation")
+    val_every: int = spec(1, ge=1, doc="validate every N epochs")
+    checkpoint_epochs: list[int] = spec(factory=lambda: [5], ge=1, doc="epochs kept as rewind points")
+    num_threads: int | None = spec(None, ge=1, doc="CPU threads for torch; null = torch's default")
 
 
 @dataclass
 class PruningConfig:
     """Block-wise structured pruning and what happens to the surviving weights."""
 
-    ratios: dict[str, float] = _spec(
+    ratios: dict[str, float] = spec(
         factory=lambda: {"default": 0.5}, ge=0.0, lt=1.0, doc="share of filters removed per block prefix"
     )
-    importance: str = _spec("l1", choices=("l1", "l2"), doc="filter norm ranking channels")
-    reinit: str = _spec("none", choices=("none", "random", "rewind"), doc="weights of the pruned network")
-    rewind_to: str = _spec("epoch5", doc="checkpoint of the same run that rewind loads")
-    retrain_epochs: int = _spec(10, ge=0, doc="epochs of retraining after pruning")
-    retrain_lr: float | None = _spec(None, gt=0.0, doc="peak retraining learning rate; null = training.lr")
-    lr_rewind: bool = _spec(False, doc="replay the original schedule's tail (Renda et al. 2020)")
-    round_to: int = _spec(1, ge=1, doc="round kept widths to a multiple of this")
+    importance: str = spec("l1", choices=("l1", "l2"), doc="filter norm ranking channels")
+    reinit: str = spec("none", choices=("none", "random", "rewind"), doc="weights of the pruned network")
+    rewind_to: str = spec("epoch5", doc="checkpoint of the same run that rewind loads")
+    retrain_epochs: int = spec(10, ge=0, doc="epochs of retraining after pruning")
+    retrain_lr: float | None = spec(None, gt=0.0, doc="peak retraining learning rate; null = training.lr")
+    lr_rewind: bool = spec(False, doc="replay the original schedule's tail (Renda et al. 2020)")
+    round_to: int = spec(1, ge=1, doc="round kept widths to a multiple of this")
 
 
 @dataclass
 class EvaluationConfig:
     """How models are scored and timed."""
 
-    hd_percentile: float = _spec(95.0, gt=0.0, le=100.0, doc="Hausdorff distance percentile")
-    batch_size: int = _spec(16, ge=1, doc="slices per inference batch")
-    save_predictions: bool = _spec(False, doc="write predicted labels as NIfTI in original geometry")
-    overlays: int = _spec(4, ge=0, doc="overlay PNGs written")
-    latency_repeats: int = _spec(20, ge=1, doc="timed forward passes (median reported)")
-    latency_warmup: int = _spec(5, ge=0, doc="untimed forward passes before timing")
-    latency_size: list[int] = _spec(factory=lambda: [224, 224], gt=0, length=2, doc="slice size for latency")
+    hd_percentile: float = spec(95.0, gt=0.0, le=100.0, doc="Hausdorff distance percentile")
+    batch_size: int = spec(16, ge=1, doc="slices per inference batch")
+    save_predictions: bool = spec(False, doc="write predicted labels as NIfTI in original geometry")
+    overlays: int = spec(4, ge=0, doc="overlay PNGs written")
+    latency_repeats: int = spec(20, ge=1, doc="timed forward passes (median reported)")
+    latency_warmup: int = spec(5, ge=0, doc="untimed forward passes before timing")
+    latency_size: list[int] = spec(factory=lambda: [224, 224], gt=0, length=2, doc="slice size for latency")
 
 
 @dataclass
 class LoggingConfig:
     """Where results go and which trackers receive them."""
 
-    runs_dir: str = _spec("runs", doc="root of all run folders")
-    experiment: str = _spec("default", doc="experiment name: runs/<experiment>/<run-id>")
-    tensorboard: bool = _spec(True, doc="write TensorBoard event files")
-    wandb: bool = _spec(False, doc="log to Weights & Biases if installed")
-    wandb_project: str = _spec("acdc-prune", doc="W&B project")
-    progress: bool = _spec(True, doc="rich progress bars")
+    runs_dir: str = spec("runs", doc="root of all run folders")
+    experiment: str = spec("default", doc="experiment name: runs/<experiment>/<run-id>")
+    tensorboard: bool = spec(True, doc="write TensorBoard event files")
+    wandb: bool = spec(False, doc="log to Weights & Biases if installed")
+    wandb_project: str = spec("acdc-prune", doc="W&B project")
+    progress: bool = spec(True, doc="rich progress bars")
 
 
 @dataclass
@@ -232,15 +234,20 @@ def _coerce(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+    elif tp is str and not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
     _check_limits(path, value, meta)
     return value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, validating every key and value."""
+def from_mapping(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, validating every key and value.
+
+    Args:
+        cls: a dataclass whose fields are declared with :func:`_spec` limits (or nested dataclasses).
+        raw: the mapping (``None`` = all defaults).
+        prefix: dotted path of ``raw`` for error messages, ending with ``.`` when not empty.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -254,7 +261,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key '{path}': {_suggest(str(key), sorted(known), prefix)}")
         tp = hints[key]
         if is_dataclass(tp):
-            values[key] = _build(tp, value, f"{path}.")
+            values[key] = from_mapping(tp, value, f"{path}.")
         else:
             values[key] = _coerce(path, value, tp, dict(known[key].metadata))
     return cls(**values)
@@ -267,10 +274,21 @@ def config_from_dict(raw: dict[str, Any] | None) -> Config:
         ConfigError: naming the key for unknown keys (with the closest valid key), wrong types and
             out-of-range values.
     """
-    config = _build(Config, raw, "")
-    if "default" not in config.pruning.ratios:
-        config.pruning.ratios = {"default": 0.0, **config.pruning.ratios}
+    config = from_mapping(Config, raw, "")
+    config.pruning.ratios = validate_ratios(config.pruning.ratios)
     return config
+
+
+def validate_ratios(raw: Any, where: str = "pruning.ratios") -> dict[str, float]:
+    """Check a ratios mapping (prefix -> share of filters removed, each in [0, 1)); add ``default: 0``.
+
+    Args:
+        raw: mapping read from YAML or given in Python.
+        where: the name shown in error messages (a file path or a config key).
+    """
+    meta = dict(PruningConfig.__dataclass_fields__["ratios"].metadata)
+    ratios = _coerce(where, raw, dict[str, float], meta)
+    return {"default": 0.0, **ratios}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

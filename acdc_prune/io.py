@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +83,15 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def _stamped_names(stem: str) -> Iterator[str]:
+    """``stem``, ``stem-2``, ``stem-3``, ... (candidate names for a new folder)."""
+    yield stem
+    for attempt in range(2, 1000):
+        yield f"{stem}-{attempt}"
+
+
 def new_run_dir(runs_dir: str | Path, experiment: str, prefix: str = "") -> Path:
-    """Create and return a new, unique ``runs_dir/experiment/<timestamp>[-N]`` folder.
+    """Create and return a new, unique ``runs_dir/experiment/<prefix><timestamp>[-N]`` folder.
 
     The folder is created with ``exist_ok=False`` so two runs started in the same second never share
     one: the second gets a ``-2`` suffix.
@@ -90,12 +99,41 @@ def new_run_dir(runs_dir: str | Path, experiment: str, prefix: str = "") -> Path
     check_name(experiment, "experiment name")
     parent = Path(runs_dir) / experiment
     parent.mkdir(parents=True, exist_ok=True)
-    stamp = prefix + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1, 1000):
-        candidate = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+    for name in _stamped_names(prefix + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")):
+        candidate = parent / name
         try:
             candidate.mkdir()
             return candidate
         except FileExistsError:
             continue
     raise ConfigError(f"could not create a new run folder under {parent}")
+
+
+def unused_path(parent: str | Path, prefix: str = "") -> Path:
+    """A path ``parent/<prefix><timestamp>[-N]`` that does not exist yet (not created)."""
+    stem = prefix + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return next(Path(parent) / n for n in _stamped_names(stem) if not (Path(parent) / n).exists())
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``final`` and rename it to ``final`` only on success.
+
+    A command that fails half-way leaves nothing under the name a user would take for a result.
+
+    Raises:
+        ConfigError: ``final`` already exists (results are never overwritten).
+    """
+    final = Path(final)
+    if final.exists():
+        raise ConfigError(
+            f"{final} already exists; choose another output folder (results are never replaced)"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    try:
+        yield staging
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

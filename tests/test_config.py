@@ -54,8 +54,14 @@ def test_ratios_without_default_get_zero_default():
         ({"training": {"epochs": 2.5}}, "training.epochs: expected an integer, got 2.5"),
         ({"training": {"epochs": 0}}, "training.epochs: 0 is out of range (must be >= 1)"),
         ({"training": {"amp": "yes"}}, "training.amp: expected true or false, got 'yes'"),
-        ({"pruning": {"ratios": {"default": 1.5}}}, "pruning.ratios.default: 1.5 is out of range (must be < 1.0)"),
-        ({"pruning": {"ratios": {"default": float("nan")}}}, "pruning.ratios.default: NaN is not a valid value"),
+        (
+            {"pruning": {"ratios": {"default": 1.5}}},
+            "pruning.ratios.default: 1.5 is out of range (must be < 1.0)",
+        ),
+        (
+            {"pruning": {"ratios": {"default": float("nan")}}},
+            "pruning.ratios.default: NaN is not a valid value",
+        ),
         ({"pruning": {"reinit": "rewnd"}}, "pruning.reinit: 'rewnd' is not one of none, random, rewind"),
         ({"data": {"target_spacing": [1.0]}}, "data.target_spacing: expected 2 values, got 1"),
         ({"data": {"target_spacing": 1.0}}, "data.target_spacing: expected a list of float, got 1.0"),

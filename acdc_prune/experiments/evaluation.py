@@ -1,0 +1,99 @@
+"""Evaluate a saved model (run folder, pruned folder or checkpoint) on a data folder or a run's split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from torch import nn
+
+from acdc_prune.config import Config, apply_overrides, config_from_dict
+from acdc_prune.io import staged_dir, unused_path
+
+
+def validation_records(config: Config) -> list[Any]:
+    """The validation volumes of the run that ``config`` describes (same data, same seeded split)."""
+    from acdc_prune.data import load_records, split_records
+
+    records = load_records(config.data, config.logging.runs_dir)
+    return split_records(records, config.data)[1]
+
+
+def evaluate_records(
+    model: nn.Module,
+    config: Config,
+    records: list[Any],
+    out_dir: Path | None,
+    console: Console,
+) -> Any:
+    """Score ``model`` on ``records`` with ``config``'s preprocessing and evaluation settings.
+
+    Args:
+        model: 2D network ``(B, C_in, H, W) -> (B, C, H, W)``.
+        config: gives the preprocessing (``data``), the padding divisor (``model``), the device
+            (``training.device``) and the metrics and cost settings (``evaluation``).
+        records: labelled volumes (:class:`acdc_prune.data.VolumeRecord`).
+        out_dir: folder for the evaluation files, or ``None`` to write nothing.
+        console: where the progress bar goes.
+
+    Returns:
+        The :class:`acdc_prune.engine.evaluate.EvaluationResult`.
+    """
+    from acdc_prune.data import VolumeDataset
+    from acdc_prune.engine.evaluate import evaluate_model
+    from acdc_prune.engine.trainer import resolve_device
+    from acdc_prune.models import total_stride
+
+    dataset = VolumeDataset(records, config.data, total_stride(config.model))
+    return evaluate_model(
+        model,
+        dataset,
+        config.evaluation,
+        out_dir,
+        device=resolve_device(config.training.device),
+        console=console,
+        progress=config.logging.progress,
+    )
+
+
+def evaluate_folder(
+    model_path: Path,
+    data: Path,
+    *,
+    out: Path | None = None,
+    save_predictions: bool = False,
+    overrides: list[str] | None = None,
+    console: Console | None = None,
+) -> Any:
+    """Evaluate the model saved at ``model_path`` on every labelled volume of ``data``.
+
+    Args:
+        model_path: a run folder (its ``best.pt``), a pruned child folder, or a checkpoint file.
+        data: labelled data folder, ACDC or nnU-Net raw layout.
+        out: output folder (must not exist); default ``<run folder>/eval/<timestamp>``.
+        save_predictions: also write the predicted labels as NIfTI in the original geometry.
+        overrides: dotted overrides of the stored config (``evaluation.*``, ``training.device``...).
+        console: rich console for progress and the result tables.
+
+    Returns:
+        The :class:`acdc_prune.engine.evaluate.EvaluationResult`. The output folder appears only once
+        every file in it is written.
+    """
+    from acdc_prune.data import discover
+    from acdc_prune.engine.checkpoints import load_model
+    from acdc_prune.engine.evaluate import print_evaluation
+
+    console = console or Console()
+    model, config, _ = load_model(model_path)
+    config = config_from_dict(apply_overrides(config.to_dict(), overrides or []))
+    config.evaluation.save_predictions = config.evaluation.save_predictions or save_predictions
+    records = discover(data, layout="auto", require_labels=True)
+    run_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    out = out or unused_path(run_dir / "eval")
+    with staged_dir(out) as staging:
+        result = evaluate_records(model, config, records, staging, console)
+    result.out_dir = out
+    print_evaluation(result, console)
+    console.print(f"results in [bold]{out}[/]")
+    return result

@@ -1,0 +1,194 @@
+"""Inspect a trained run: filter-norm statistics and plots, widths per block, and a ratios preview."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from acdc_prune.experiments.prune import block_of, example_input
+from acdc_prune.io import atomic_write_json, atomic_write_text, staged_dir, unused_path
+from acdc_prune.pruning import filter_norms
+from acdc_prune.pruning.importance import filter_weights
+
+
+def norm_statistics(model: nn.Module) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Per-layer statistics of the L1 and L2 filter norms of every conv/linear layer.
+
+    Returns:
+        ``(table, l1_norms)``: one row per layer (``layer``, ``block``, ``filters``, then ``mean``,
+        ``std``, ``min``, ``median``, ``max`` of the L1 and of the L2 norms), and the L1 norms per layer.
+    """
+    l1 = {name: norms.numpy() for name, norms in filter_norms(model, "l1").items()}
+    l2 = {name: norms.numpy() for name, norms in filter_norms(model, "l2").items()}
+    rows = []
+    for name, values in l1.items():
+        row: dict[str, Any] = {"layer": name, "block": block_of(name, model), "filters": values.size}
+        for kind, norms in (("l1", values), ("l2", l2[name])):
+            row.update(
+                {
+                    f"{kind}_mean": float(norms.mean()),
+                    f"{kind}_std": float(norms.std()),
+                    f"{kind}_min": float(norms.min()),
+                    f"{kind}_median": float(np.median(norms)),
+                    f"{kind}_max": float(norms.max()),
+                }
+            )
+        rows.append(row)
+    return pd.DataFrame(rows), l1
+
+
+def block_shares(model: nn.Module) -> pd.DataFrame:
+    """Parameters per block and their share of the model, with the widest output width of the block."""
+    total = sum(p.numel() for p in model.parameters())
+    rows: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if not name or not own:
+            continue
+        block = block_of(name, model)
+        entry = rows.setdefault(block, {"block": block, "params": 0, "max_width": 0})
+        entry["params"] += own
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            entry["max_width"] = max(entry["max_width"], int(filter_weights(module).shape[0]))
+    frame = pd.DataFrame(list(rows.values()))
+    frame["share_pct"] = 100.0 * frame["params"] / total
+    return frame
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_histograms(norms: dict[str, np.ndarray], path: Path) -> None:
+    """One small L1-norm histogram per layer, on a grid (PNG)."""
+    plt = _pyplot()
+    names = list(norms)
+    cols = 6
+    rows = int(np.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 1.9 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        ax.hist(norms[name], bins=min(30, max(5, norms[name].size // 2)), color="#2f5d9e")
+        ax.set_title(name, fontsize=6)
+        ax.tick_params(labelsize=5)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle("L1 norm of each output filter, per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heatmap(norms: dict[str, np.ndarray], path: Path) -> None:
+    """Heat map of each layer's sorted L1 filter norms, divided by the layer's largest (PNG).
+
+    Rows are layers; columns are 100 quantiles of the sorted norms, so layers of different widths line up.
+    """
+    plt = _pyplot()
+    grid = np.stack(
+        [
+            np.quantile(np.sort(values) / max(values.max(), 1e-12), np.linspace(0, 1, 100))
+            for values in norms.values()
+        ]
+    )
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.2 * len(norms) + 1)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(norms)), list(norms), fontsize=6)
+    ax.set_xlabel("filter rank (percent of the layer, weakest first)")
+    fig.colorbar(image, ax=ax, label="L1 norm / layer max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def preview_ratios(model: nn.Module, config: Any, ratios: dict[str, float]) -> dict[str, Any]:
+    """Params and MACs before and after pruning by ``ratios``, without writing anything.
+
+    Returns:
+        ``params`` and ``macs`` (``before``/``after``) and the per-layer output widths.
+    """
+    from acdc_prune.engine.cost import count_macs, count_parameters
+    from acdc_prune.experiments.prune import layer_widths
+    from acdc_prune.pruning import apply_plan, plan_pruning
+
+    example = example_input(config)
+    plan = plan_pruning(
+        model, example, ratios=ratios, importance=config.pruning.importance, round_to=config.pruning.round_to
+    )
+    pruned = apply_plan(model, plan)
+    shape = tuple(example.shape)
+    return {
+        "ratios": ratios,
+        "params": {"before": count_parameters(model), "after": count_parameters(pruned)},
+        "macs": {
+            "before": count_macs(model, shape),
+            "after": count_macs(pruned, shape),
+            "input_shape": list(shape),
+        },
+        "widths": layer_widths(model, plan),
+    }
+
+
+def inspect_run(
+    run_dir: Path,
+    *,
+    ratios: dict[str, float] | None = None,
+    checkpoint: str = "best",
+    out: Path | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Write the inspection of a run's model to ``out`` (default ``<run>/inspect/<timestamp>``).
+
+    Files: ``norms.csv`` (per-layer L1/L2 statistics), ``blocks.csv`` (params and share per block),
+    ``norm_histograms.png``, ``norm_heatmap.png`` and, with ``ratios``, ``preview.json``.
+
+    Args:
+        run_dir: a run folder or a checkpoint file.
+        ratios: a ratios mapping to preview (params and MACs after), or ``None``.
+        checkpoint: which checkpoint of the run (``best``, ``last``, ``epoch5``...).
+        out: output folder (must not exist).
+        console: rich console for the summary tables.
+    """
+    from acdc_prune.engine.checkpoints import load_model
+
+    console = console or Console()
+    model, config, _ = load_model(run_dir, checkpoint)
+    stats, l1 = norm_statistics(model)
+    blocks = block_shares(model)
+    preview = preview_ratios(model, config, ratios) if ratios is not None else None
+    base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    out = out or unused_path(base / "inspect")
+    with staged_dir(out) as staging:
+        atomic_write_text(staging / "norms.csv", stats.to_csv(index=False))
+        atomic_write_text(staging / "blocks.csv", blocks.to_csv(index=False))
+        plot_histograms(l1, staging / "norm_histograms.png")
+        plot_heatmap(l1, staging / "norm_heatmap.png")
+        if preview is not None:
+            atomic_write_json(staging / "preview.json", preview)
+
+    table = Table("block", "params", "share", "max width", title="parameters per block")
+    for _, row in blocks.iterrows():
+        table.add_row(
+            row["block"], f"{int(row['params']):,}", f"{row['share_pct']:.1f}%", str(int(row["max_width"]))
+        )
+    console.print(table)
+    if preview is not None:
+        params, macs = preview["params"], preview["macs"]
+        console.print(
+            f"ratios preview: params {params['before']:,} -> {params['after']:,} "
+            f"({100 * params['after'] / params['before']:.1f}%), "
+            f"MACs {macs['before']:,} -> {macs['after']:,} "
+            f"({100 * macs['after'] / macs['before']:.1f}%)"
+        )
+    console.print(f"inspection in [bold]{out}[/]")
+    return out
