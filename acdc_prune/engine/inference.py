@@ -1,0 +1,39 @@
+"""Whole-volume inference with a 2D network, slice by slice along the last (slice) axis."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def predict_volume(
+    model: nn.Module, image: torch.Tensor, batch_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Softmax probabilities of every slice of a preprocessed volume.
+
+    The model runs in eval mode under ``torch.no_grad`` (its training flag is restored afterwards),
+    with float16 autocast on CUDA only; probabilities are computed in float32.
+
+    Args:
+        model: a 2D network mapping ``(B, C_in, H, W)`` to logits ``(B, C, H, W)``, already on ``device``.
+        image: ``(C_in, H, W, D)`` preprocessed volume (a MetaTensor is fine), D slices.
+        batch_size: slices per forward pass.
+        device: where the model runs.
+
+    Returns:
+        ``(C, H, W, D)`` float32 probabilities on the CPU (a plain tensor, no metadata).
+    """
+    device = torch.device(device)
+    volume = image.as_tensor() if hasattr(image, "as_tensor") else image
+    slices = volume.permute(3, 0, 1, 2)
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            for start in range(0, slices.shape[0], batch_size):
+                batch = slices[start : start + batch_size].to(device, dtype=torch.float32)
+                outputs.append(model(batch).float().softmax(dim=1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs).permute(1, 2, 3, 0).contiguous()
