@@ -130,13 +130,21 @@ def data_check(
     """
 
     def body() -> None:
+        from rich.table import Table
+
         from acdc_prune.data import check_dataset
-        from acdc_prune.reporting import print_dataset_report
 
         report = check_dataset(path, layout=layout)
-        print_dataset_report(report, console)
+        table = Table("property", "value", title=f"data set {path}", show_header=False)
+        for name, value in report.summary_rows():
+            table.add_row(name, value)
+        console.print(table)
+        for problem in report.problems:
+            console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
         if not report.ok:
+            console.print(f"[bold red]{len(report.problems)} problem(s) found[/]")
             raise typer.Exit(1)
+        console.print("[green]no problems found[/]")
 
     _run(body)
 

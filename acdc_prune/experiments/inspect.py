@@ -12,7 +12,7 @@ from rich.table import Table
 from torch import nn
 
 from acdc_prune.experiments.prune import block_of, example_input
-from acdc_prune.io import atomic_write_json, atomic_write_text, staged_dir, unused_path
+from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text, staged_dir, unused_path
 from acdc_prune.pruning import filter_norms
 from acdc_prune.pruning.importance import filter_weights
 
@@ -85,7 +85,7 @@ def plot_histograms(norms: dict[str, np.ndarray], path: Path) -> None:
         ax.axis("off")
     fig.suptitle("L1 norm of each output filter, per layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -107,7 +107,7 @@ def plot_heatmap(norms: dict[str, np.ndarray], path: Path) -> None:
     ax.set_xlabel("filter rank (percent of the layer, weakest first)")
     fig.colorbar(image, ax=ax, label="L1 norm / layer max")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from acdc_prune.config import Config, read_yaml, validate_ratios
 from acdc_prune.errors import ConfigError
-from acdc_prune.io import atomic_write_json, staged_dir, unused_path
+from acdc_prune.io import atomic_save_figure, atomic_write_json, staged_dir, unused_path
 
 REINIT_MODES = ("none", "random", "rewind")
 
@@ -125,7 +125,7 @@ def plot_widths(widths: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

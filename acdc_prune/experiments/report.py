@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
-from acdc_prune.io import atomic_write_text
+from acdc_prune.io import atomic_save_figure, atomic_write_text
 
 STRUCTURE_NAMES = ("RV", "MYO", "LV")
 PHASE_NAMES = ("ED", "ES")
@@ -143,7 +143,7 @@ def plot_pareto(frame: pd.DataFrame, path: Path) -> None:
     axes[1].legend(title="mode")
     fig.suptitle("Accuracy against size after retraining")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    atomic_save_figure(fig, path, dpi=130)
     plt.close(fig)
 
 
@@ -169,5 +169,5 @@ def plot_training_curves(curves: dict[str, pd.DataFrame], path: Path) -> None:
         ax.grid(alpha=0.3)
     dice_ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    atomic_save_figure(fig, path, dpi=130)
     plt.close(fig)
