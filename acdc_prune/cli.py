@@ -53,6 +53,8 @@ def _run(action: Callable[[], Any]) -> Any:
 
     try:
         return action()
+    except typer.Exit:
+        raise
     except AcdcPruneError as err:
         if _state["debug"]:
             raise
