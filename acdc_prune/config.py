@@ -125,7 +125,6 @@ class PruningConfig:
     rewind_to: str = spec("epoch5", doc="checkpoint of the same run that rewind loads")
     retrain_epochs: int = spec(10, ge=0, doc="epochs of retraining after pruning")
     retrain_lr: float | None = spec(None, gt=0.0, doc="peak retraining learning rate; null = training.lr")
-    lr_rewind: bool = spec(False, doc="replay the original schedule's tail (Renda et al. 2020)")
     round_to: int = spec(1, ge=1, doc="round kept widths to a multiple of this")
 
 
