@@ -80,9 +80,10 @@ def safe_torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for bad files; all mean "not a checkpoint"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        if "weights_only" in reason or "Unsupported global" in reason or "GLOBAL" in reason:
+        lowered = reason.lower()
+        if any(marker in lowered for marker in ("weights_only", "weights only", "unsupported global", "global")):
             reason = "it contains pickled objects that are not plain tensors (refused for safety)"
-        elif "zip" in reason.lower() or "EOF" in reason or "truncated" in reason.lower():
+        elif "zip" in lowered or "eof" in lowered or "truncated" in lowered:
             reason = "it is truncated or not a PyTorch file"
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
 
