@@ -81,7 +81,7 @@ def safe_torch_load(path: Path) -> Any:
     except Exception as err:  # torch raises several types for bad files; all mean "not a checkpoint"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         lowered = reason.lower()
-        if any(marker in lowered for marker in ("weights_only", "weights only", "unsupported global", "global")):
+        if any(marker in lowered for marker in ("weights_only", "weights only", "global")):
             reason = "it contains pickled objects that are not plain tensors (refused for safety)"
         elif "zip" in lowered or "eof" in lowered or "truncated" in lowered:
             reason = "it is truncated or not a PyTorch file"

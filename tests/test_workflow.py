@@ -67,7 +67,8 @@ def test_prune_none_writes_a_complete_child_folder(trained_run):
     result = prune_run(trained_run, HALF, reinit="none")
     out = result.out_dir
     assert out.parent == trained_run / "pruned"
-    for name in ("plan.json", "masks.json", "meta.json", "widths.png", "result.json", "best.pt", "metrics.csv"):
+    expected = ("plan.json", "masks.json", "meta.json", "widths.png", "result.json", "best.pt", "metrics.csv")
+    for name in expected:
         assert (out / name).is_file(), name
     assert (out / "eval_before" / "summary.json").is_file()
     assert (out / "eval_after" / "summary.json").is_file()
@@ -105,10 +106,11 @@ def test_rewind_loads_the_early_weights_and_random_differs(trained_run, tmp_path
 
 
 def test_masks_come_from_the_trained_model_in_every_mode(trained_run, tmp_path):
-    plans = [
-        PruningPlan.load(prune_run(trained_run, HALF, reinit=m, retrain_epochs=0, out_dir=tmp_path / m).out_dir / "plan.json")
-        for m in ("none", "rewind")
+    folders = [
+        prune_run(trained_run, HALF, reinit=mode, retrain_epochs=0, out_dir=tmp_path / mode).out_dir
+        for mode in ("none", "rewind")
     ]
+    plans = [PruningPlan.load(folder / "plan.json") for folder in folders]
     assert plans[0].to_dict() == plans[1].to_dict()
 
 
