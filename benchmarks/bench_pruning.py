@@ -29,8 +29,8 @@ from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, SegResNet, UN
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from acdc_prune.engine.cost import count_macs, count_parameters
 from acdc_prune.models.unet import UNet2D
 from acdc_prune.pruning import (
     LayerPlan,
@@ -61,19 +61,19 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass (FlopCounterMode flops / 2)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()(x)
-    return counter.get_total_flops() // 2
-
-
 def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]}"
+
+
+def _works(model: nn.Module, pruned: nn.Module, plan: PruningPlan, x: torch.Tensor) -> dict:
+    """A coverage row for a pruned network: contract deviation (where defined), params and MACs after."""
+    exact = not mixes_channel_statistics(model)
+    return {
+        "status": "works",
+        "max_deviation": max_deviation(model, pruned, plan, x) if exact else None,
+        "params_after": count_parameters(pruned),
+        "macs_after": count_macs(pruned, tuple(x.shape)),
+    }
 
 
 def run_acdc_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> dict:
@@ -82,13 +82,7 @@ def run_acdc_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> dict:
         pruned = apply_plan(model, plan)
     except Exception as error:
         return {"status": "error", "error": _first_line(error)}
-    exact = not mixes_channel_statistics(model)
-    return {
-        "status": "works",
-        "max_deviation": max_deviation(model, pruned, plan, x) if exact else None,
-        "params_after": count_parameters(pruned),
-        "macs_after": count_macs(pruned, x),
-    }
+    return _works(model, pruned, plan, x)
 
 
 def _torch_pruning():
@@ -133,13 +127,7 @@ def run_torch_pruning(tp, model: nn.Module, x: torch.Tensor, ratio: float) -> di
         size = module.in_features if isinstance(module, nn.Linear) else module.in_channels
         layers[name] = LayerPlan(type(module).__name__, None, [i for i in range(size) if i not in removed])
     plan = PruningPlan(type(model).__name__, layers, [], {"default": ratio})
-    exact = not mixes_channel_statistics(model)
-    return {
-        "status": "works",
-        "max_deviation": max_deviation(model, pruned, plan, x) if exact else None,
-        "params_after": count_parameters(pruned),
-        "macs_after": count_macs(pruned, x),
-    }
+    return _works(model, pruned, plan, x)
 
 
 def coverage(size: int, ratio: float) -> list[dict]:
@@ -149,7 +137,11 @@ def coverage(size: int, ratio: float) -> list[dict]:
         torch.manual_seed(0)
         model = randomise_norm_statistics(build()).eval()
         x = torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(0))
-        base = {"model": name, "params_before": count_parameters(model), "macs_before": count_macs(model, x)}
+        base = {
+            "model": name,
+            "params_before": count_parameters(model),
+            "macs_before": count_macs(model, tuple(x.shape)),
+        }
         rows.append({**base, "tool": "acdc-prune", **run_acdc_prune(model, x, ratio)})
         if tp is None:
             rows.append({**base, "tool": "Torch-Pruning 1.6.1", "status": "not installed"})
@@ -228,7 +220,7 @@ def latency(batches: list[int], size: int, repeats: int) -> list[dict]:
                     "batch": batch,
                     "network": name,
                     "params": count_parameters(net),
-                    "macs_per_image": count_macs(net, x[:1]),
+                    "macs_per_image": count_macs(net, tuple(x[:1].shape)),
                     "latency_ms": 1000 * seconds,
                     "speed_up": reference / seconds,
                 }

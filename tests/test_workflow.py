@@ -125,6 +125,7 @@ def test_evaluate_accepts_a_pruned_folder(trained_run, tmp_path):
     root = phantom_root(config.data.cache_dir, config.data.phantom_patients, config.data.phantom_seed)
     result = evaluate_folder(pruned, root, out=tmp_path / "eval")
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert (tmp_path / "eval" / "config.yaml").is_file()
     assert summary["n_volumes"] == 8
     assert summary["mean_dice"] == pytest.approx(result.summary["mean_dice"])
     assert not (tmp_path / "e0").exists()

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from acdc_prune.config import Config, apply_overrides, config_from_dict
+from acdc_prune.config import Config, apply_overrides, config_from_dict, save_config
 from acdc_prune.io import staged_dir, unused_path
 
 
@@ -77,8 +77,8 @@ def evaluate_folder(
         console: rich console for progress and the result tables.
 
     Returns:
-        The :class:`acdc_prune.engine.evaluate.EvaluationResult`. The output folder appears only once
-        every file in it is written.
+        The :class:`acdc_prune.engine.evaluate.EvaluationResult`. The output folder (with the resolved
+        ``config.yaml``) appears only once every file in it is written.
     """
     from acdc_prune.data import discover
     from acdc_prune.engine.checkpoints import load_model
@@ -92,6 +92,7 @@ def evaluate_folder(
     run_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
     out = out or unused_path(run_dir / "eval")
     with staged_dir(out) as staging:
+        save_config(config, staging / "config.yaml")
         result = evaluate_records(model, config, records, staging, console)
     result.out_dir = out
     print_evaluation(result, console)

@@ -86,8 +86,8 @@ RICH_COLUMNS = {
     "params": "params",
     "macs_pct": "MACs",
     "latency_ms": "ms",
-    "dice_before": "pruned",
-    "dice": "retrained",
+    "dice_before": "before",
+    "dice": "after",
     "dice_delta": "delta",
     "hd95_mm": "HD95",
 }
@@ -113,8 +113,8 @@ def _cell(column: str, value: Any) -> str:
 def rich_table(frame: pd.DataFrame, title: str) -> Table:
     """The headline columns of the comparison as a rich table (fits an 80-column terminal)."""
     caption = (
-        "pruned/retrained: mean foreground 3D Dice (validation) before/after retraining; delta: against "
-        "the baseline; MACs: share of the baseline's; ms: CPU latency per slice; HD95 in mm"
+        "before/after: mean foreground 3D Dice (validation) of the pruned network before/after retraining; "
+        "delta: after minus baseline; MACs: share of the baseline's; ms: CPU latency per slice; HD95 in mm"
     )
     table = Table(title=title, caption=caption)
     for column, header in RICH_COLUMNS.items():

@@ -47,12 +47,15 @@ def _unet_defaults(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _io_2d(cfg: ModelConfig) -> dict[str, Any]:
+    """The arguments every MONAI 2D network shares: dimensions and input/output channels."""
+    return {"spatial_dims": 2, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
+
+
 def _monai_unet_defaults(cfg: ModelConfig) -> dict[str, Any]:
     # MONAI's UNet down-samples with strided convs between its levels: len(features) - 1 of them.
     return {
-        "spatial_dims": 2,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
+        **_io_2d(cfg),
         "channels": tuple(cfg.features),
         "strides": (2,) * (len(cfg.features) - 1),
         "num_res_units": 2 if cfg.residual else 0,
@@ -66,9 +69,7 @@ def _basic_unet_defaults(cfg: ModelConfig) -> dict[str, Any]:
     # BasicUNet always has five levels; its sixth width is that of the last up-sampling (the head's input).
     features = tuple(cfg.features) + (cfg.features[0],) if len(cfg.features) == 5 else None
     defaults = {
-        "spatial_dims": 2,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
+        **_io_2d(cfg),
         "norm": _monai_norm(cfg.norm, cfg.features),
         "act": _monai_act(cfg),
         "dropout": cfg.dropout,
@@ -86,9 +87,7 @@ def _basic_unet_defaults(cfg: ModelConfig) -> dict[str, Any]:
 
 def _attention_unet_defaults(cfg: ModelConfig) -> dict[str, Any]:
     return {
-        "spatial_dims": 2,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
+        **_io_2d(cfg),
         "channels": tuple(cfg.features),
         "strides": (2,) * (len(cfg.features) - 1),
         "dropout": cfg.dropout,
@@ -99,9 +98,7 @@ def _dynunet_defaults(cfg: ModelConfig) -> dict[str, Any]:
     # nnU-Net's 2D plan: 3x3 kernels everywhere, full resolution at the first level, then stride 2.
     levels = len(cfg.features)
     return {
-        "spatial_dims": 2,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
+        **_io_2d(cfg),
         "kernel_size": [3] * levels,
         "strides": [1] + [2] * (levels - 1),
         "upsample_kernel_size": [2] * (levels - 1),
@@ -118,10 +115,8 @@ def _segresnet_defaults(cfg: ModelConfig) -> dict[str, Any]:
     levels = len(cfg.features)
     blocks_down = (1, 2, 2, 4, 4, 4, 4)[:levels]
     return {
-        "spatial_dims": 2,
+        **_io_2d(cfg),
         "init_filters": cfg.features[0],
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
         "dropout_prob": cfg.dropout or None,
         "act": _monai_act(cfg),
         "norm": _monai_norm(cfg.norm, [cfg.features[0]]),
