@@ -204,7 +204,10 @@ def train(
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
-    data: Annotated[Path, typer.Option(help="Labelled data folder (ACDC or nnU-Net layout).")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Labelled data folder (ACDC or nnU-Net); default: the run's validation patients."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/eval/<time>).")] = None,
     save_predictions: Annotated[bool, typer.Option(help="Write predictions as NIfTI.")] = False,
     overrides: SetOption = None,

@@ -129,6 +129,11 @@ def test_evaluate_accepts_a_pruned_folder(trained_run, tmp_path):
     assert summary["n_volumes"] == 8
     assert summary["mean_dice"] == pytest.approx(result.summary["mean_dice"])
     assert not (tmp_path / "e0").exists()
+    own_split = evaluate_folder(pruned, None, out=tmp_path / "val")
+    assert own_split.summary["n_volumes"] == 2
+    assert own_split.summary["mean_dice"] == pytest.approx(
+        json.loads((pruned / "eval_before" / "summary.json").read_text())["mean_dice"]
+    )
 
 
 def test_bad_inputs_write_nothing(trained_run, tmp_path):

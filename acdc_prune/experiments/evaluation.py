@@ -59,7 +59,7 @@ def evaluate_records(
 
 def evaluate_folder(
     model_path: Path,
-    data: Path,
+    data: Path | None,
     *,
     out: Path | None = None,
     save_predictions: bool = False,
@@ -70,7 +70,8 @@ def evaluate_folder(
 
     Args:
         model_path: a run folder (its ``best.pt``), a pruned child folder, or a checkpoint file.
-        data: labelled data folder, ACDC or nnU-Net raw layout.
+        data: labelled data folder, ACDC or nnU-Net raw layout; ``None`` evaluates the validation
+            patients of the run's own split (same data, same seeded split as its training).
         out: output folder (must not exist); default ``<run folder>/eval/<timestamp>``.
         save_predictions: also write the predicted labels as NIfTI in the original geometry.
         overrides: dotted overrides of the stored config (``evaluation.*``, ``training.device``...).
@@ -88,7 +89,10 @@ def evaluate_folder(
     model, config, _ = load_model(model_path)
     config = config_from_dict(apply_overrides(config.to_dict(), overrides or []))
     config.evaluation.save_predictions = config.evaluation.save_predictions or save_predictions
-    records = discover(data, layout="auto", require_labels=True)
+    if data is None:
+        records = validation_records(config)
+    else:
+        records = discover(data, layout="auto", require_labels=True)
     run_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
     out = out or unused_path(run_dir / "eval")
     with staged_dir(out) as staging:
