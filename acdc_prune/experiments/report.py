@@ -152,19 +152,30 @@ def plot_pareto(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_training_curves(curves: dict[str, pd.DataFrame], path: Path) -> None:
+def plot_training_curves(curves: dict[str, pd.DataFrame], modes: dict[str, str], path: Path) -> None:
     """Training loss and validation Dice per epoch of every arm on one figure (PNG).
+
+    Colours follow the mode (as in :func:`plot_pareto`); arms of different ratios settings of one
+    mode differ by line style.
 
     Args:
         curves: arm name -> its ``metrics.csv`` table (columns ``epoch``, ``train_loss``, ``dice_mean``).
+        modes: arm name -> mode (``baseline``, ``none``, ``random``, ``rewind``, ``scratch``).
         path: PNG to write.
     """
     plt = _pyplot()
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = ("-", "--", ":", "-.")
+    seen: dict[str, int] = {}
     for arm, table in curves.items():
-        loss_ax.plot(table["epoch"], table["train_loss"], label=arm)
+        mode = modes[arm]
+        color, marker = MODE_STYLES.get(mode, ("gray", "x"))
+        style = styles[seen.get(mode, 0) % len(styles)]
+        seen[mode] = seen.get(mode, 0) + 1
+        line = {"color": color, "linestyle": style, "label": arm}
+        loss_ax.plot(table["epoch"], table["train_loss"], **line)
         valid = table.dropna(subset=["dice_mean"])
-        dice_ax.plot(valid["epoch"], valid["dice_mean"], marker=".", label=arm)
+        dice_ax.plot(valid["epoch"], valid["dice_mean"], marker=marker, **line)
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("training loss (DiceCE)")
     loss_ax.set_yscale("log")

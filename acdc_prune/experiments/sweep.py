@@ -154,6 +154,7 @@ def run_sweep(
     baseline_summary = evaluate_once(baseline_dir, root / "baseline_eval", console)
     rows = [report.summary_row("baseline", "-", "baseline", None, baseline_summary)]
     curves = {"baseline": pd.read_csv(baseline_dir / "metrics.csv")}
+    modes = {"baseline": "baseline"}
 
     for index, (arm, setting, mode, kwargs) in enumerate(arms, start=1):
         arm_dir = root / "arms" / arm
@@ -167,13 +168,14 @@ def run_sweep(
         rows.append(report.summary_row(arm, setting, mode, result["before"], result["after"]))
         if (arm_dir / "metrics.csv").is_file():
             curves[arm] = pd.read_csv(arm_dir / "metrics.csv")
+            modes[arm] = mode
 
     report_dir = root / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     frame = report.comparison_frame(rows)
     report.write_tables(frame, report_dir)
     report.plot_pareto(frame, report_dir / "pareto.png")
-    report.plot_training_curves(curves, report_dir / "curves.png")
+    report.plot_training_curves(curves, modes, report_dir / "curves.png")
     atomic_write_json(
         report_dir / "sweep.json", {"baseline": str(baseline_dir), "arms": [a[0] for a in arms]}
     )
