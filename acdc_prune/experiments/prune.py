@@ -277,7 +277,6 @@ def prune_run(
             retrain = copy.deepcopy(config)
             retrain.training.epochs = epochs
             retrain.training.lr = config.pruning.retrain_lr or config.training.lr
-            retrain.training.checkpoint_epochs = []
             train(
                 retrain,
                 model=pruned,
