@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from acdc_prune.experiments.prune import block_of, example_input
+from acdc_prune.experiments.prune import block_of, layer_widths, plan_for, size_change
+from acdc_prune.experiments.report import pyplot
 from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text, staged_dir, unused_path
 from acdc_prune.pruning import filter_norms
 from acdc_prune.pruning.importance import filter_weights
@@ -61,18 +62,9 @@ def block_shares(model: nn.Module) -> pd.DataFrame:
     return frame
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_histograms(norms: dict[str, np.ndarray], path: Path) -> None:
     """One small L1-norm histogram per layer, on a grid (PNG)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(norms)
     cols = 6
     rows = int(np.ceil(len(names) / cols))
@@ -94,7 +86,7 @@ def plot_heatmap(norms: dict[str, np.ndarray], path: Path) -> None:
 
     Rows are layers; columns are 100 quantiles of the sorted norms, so layers of different widths line up.
     """
-    plt = _pyplot()
+    plt = pyplot()
     grid = np.stack(
         [
             np.quantile(np.sort(values) / max(values.max(), 1e-12), np.linspace(0, 1, 100))
@@ -117,24 +109,12 @@ def preview_ratios(model: nn.Module, config: Any, ratios: dict[str, float]) -> d
     Returns:
         ``params`` and ``macs`` (``before``/``after``) and the per-layer output widths.
     """
-    from acdc_prune.engine.cost import count_macs, count_parameters
-    from acdc_prune.experiments.prune import layer_widths
-    from acdc_prune.pruning import apply_plan, plan_pruning
+    from acdc_prune.pruning import apply_plan
 
-    example = example_input(config)
-    plan = plan_pruning(
-        model, example, ratios=ratios, importance=config.pruning.importance, round_to=config.pruning.round_to
-    )
-    pruned = apply_plan(model, plan)
-    shape = tuple(example.shape)
+    plan, shape = plan_for(model, config, ratios)
     return {
         "ratios": ratios,
-        "params": {"before": count_parameters(model), "after": count_parameters(pruned)},
-        "macs": {
-            "before": count_macs(model, shape),
-            "after": count_macs(pruned, shape),
-            "input_shape": list(shape),
-        },
+        **size_change(model, apply_plan(model, plan), shape),
         "widths": layer_widths(model, plan),
     }
 

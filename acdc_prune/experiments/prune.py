@@ -41,6 +41,36 @@ def example_input(config: Config) -> torch.Tensor:
     return torch.randn(1, config.model.in_channels, *config.data.patch_size, generator=generator)
 
 
+def plan_for(model: nn.Module, config: Config, ratios: dict[str, float]) -> tuple[Any, tuple[int, ...]]:
+    """Plan pruning ``model`` by ``ratios`` with ``config.pruning``'s importance and rounding.
+
+    Returns:
+        ``(plan, example_shape)``: the :class:`acdc_prune.pruning.PruningPlan` and the shape of the
+        example slice it was traced with (the shape MACs are counted at).
+    """
+    from acdc_prune.pruning import plan_pruning
+
+    example = example_input(config)
+    plan = plan_pruning(
+        model, example, ratios=ratios, importance=config.pruning.importance, round_to=config.pruning.round_to
+    )
+    return plan, tuple(example.shape)
+
+
+def size_change(original: nn.Module, pruned: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Parameters and MACs (at input ``shape``) before and after pruning."""
+    from acdc_prune.engine.cost import count_macs, count_parameters
+
+    return {
+        "params": {"before": count_parameters(original), "after": count_parameters(pruned)},
+        "macs": {
+            "before": count_macs(original, shape),
+            "after": count_macs(pruned, shape),
+            "input_shape": list(shape),
+        },
+    }
+
+
 def reinitialise(model: nn.Module, seed: int) -> nn.Module:
     """Re-draw every weight of ``model`` in place with each layer's own initialiser; reset norm statistics.
 
@@ -108,11 +138,9 @@ def channel_masks(widths: list[dict[str, Any]], plan: Any) -> dict[str, list[boo
 
 def plot_widths(widths: list[dict[str, Any]], path: Path, title: str) -> None:
     """Horizontal bars of each layer's output width before and after pruning (PNG)."""
-    import matplotlib
+    from acdc_prune.experiments.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [row["layer"] for row in widths]
     height = max(3.0, 0.22 * len(names) + 1.0)
     fig, ax = plt.subplots(figsize=(8, height))
@@ -212,9 +240,7 @@ def prune_run(
     """
     from acdc_prune.config import apply_overrides, config_from_dict, save_config
     from acdc_prune.engine.checkpoints import load_model, save_checkpoint
-    from acdc_prune.engine.cost import count_macs, count_parameters
     from acdc_prune.engine.trainer import train
-    from acdc_prune.pruning import plan_pruning
 
     console = console or Console()
     if reinit not in REINIT_MODES:
@@ -234,29 +260,16 @@ def prune_run(
     if retrain_lr is not None:
         config.pruning.retrain_lr = retrain_lr
 
-    example = example_input(config)
-    plan = plan_pruning(
-        trained,
-        example,
-        ratios=ratios,
-        importance=config.pruning.importance,
-        round_to=config.pruning.round_to,
-    )
+    plan, shape = plan_for(trained, config, ratios)
     pruned = _initial_weights(trained, plan, reinit, rewind_source, config.training.seed)
     widths = layer_widths(trained, plan)
-    shape = tuple(example.shape)
     meta = {
         "source_checkpoint": str(checkpoint or run_dir / "best.pt"),
         "reinit": reinit,
         "rewind_to": rewind_to if reinit == "rewind" else None,
         "ratios": ratios,
         "importance": config.pruning.importance,
-        "params": {"before": count_parameters(trained), "after": count_parameters(pruned)},
-        "macs": {
-            "before": count_macs(trained, shape),
-            "after": count_macs(pruned, shape),
-            "input_shape": list(shape),
-        },
+        **size_change(trained, pruned, shape),
         "widths": widths,
     }
     plan_json = plan.to_json()

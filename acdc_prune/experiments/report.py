@@ -124,7 +124,8 @@ def rich_table(frame: pd.DataFrame, title: str) -> Table:
     return table
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (figures are only ever written to files)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +136,7 @@ def _pyplot():
 
 def plot_pareto(frame: pd.DataFrame, path: Path) -> None:
     """Mean Dice after retraining against parameters and MACs, one marker per mode (PNG)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, column, label in ((axes[0], "params", "parameters"), (axes[1], "macs", "MACs per slice")):
         for mode, group in frame.groupby("mode", sort=False):
@@ -163,7 +164,7 @@ def plot_training_curves(curves: dict[str, pd.DataFrame], modes: dict[str, str],
         modes: arm name -> mode (``baseline``, ``none``, ``random``, ``rewind``, ``scratch``).
         path: PNG to write.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = ("-", "--", ":", "-.")
     seen: dict[str, int] = {}
