@@ -22,7 +22,7 @@ def _install(session: nox.Session, extras: str = "dev") -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (CPU, phantom data; ACDC tests run only when ACDC_DATA is set)."""
-    _install(session)
+    _install(session, extras="dev,all")
     session.run("pytest", "-q", *session.posargs)
 
 
@@ -44,7 +44,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def benchmarks(session: nox.Session) -> None:
     """Run the benchmark scripts and write their JSON under benchmarks/results/."""
-    _install(session, extras="dev,export")
+    _install(session, extras="dev,all")
     for script in sorted(os.listdir("benchmarks")):
         if script.startswith("bench_") and script.endswith(".py"):
             session.run("python", f"benchmarks/{script}", *session.posargs)

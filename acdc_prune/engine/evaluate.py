@@ -24,11 +24,11 @@ from rich.table import Table
 from torch import nn
 
 from acdc_prune.config import EvaluationConfig
-from acdc_prune.data import invert_to_original, load_label
+from acdc_prune.data import load_label
 from acdc_prune.data.nifti import NIFTI_SUFFIXES, open_nifti, read_volume, true_affine, write_nifti
 from acdc_prune.engine.clinical import INDICES, clinical_agreement, clinical_indices
 from acdc_prune.engine.cost import model_cost
-from acdc_prune.engine.inference import predict_volume
+from acdc_prune.engine.inference import original_labels, predict_volume
 from acdc_prune.engine.metrics import STRUCTURES, mean_foreground_dice, volume_metrics
 from acdc_prune.errors import AcdcPruneError, DataError
 from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text
@@ -280,7 +280,7 @@ def evaluate_model(
         probs = predict_volume(model, item["image"], eval_cfg.batch_size, device)
         gt, spacing = load_label(record)
         _check_classes(probs.shape[0], gt, record.label)
-        pred = torch.as_tensor(invert_to_original(probs, item)).argmax(dim=0).cpu().numpy().astype(np.uint8)
+        pred = original_labels(probs, item)
         metrics = volume_metrics(pred, gt, spacing, eval_cfg.hd_percentile)
         row = _volume_row(record, metrics)
         rows.append(row)

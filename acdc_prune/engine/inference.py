@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,3 +40,20 @@ def predict_volume(
     finally:
         model.train(was_training)
     return torch.cat(outputs).permute(1, 2, 3, 0).contiguous()
+
+
+
+def original_labels(probs: torch.Tensor, item: dict[str, Any]) -> np.ndarray:
+    """Label map of one volume in its original geometry (the grid of the image file).
+
+    Args:
+        probs: ``(C, H, W, D)`` probabilities from :func:`predict_volume` on ``item["image"]``.
+        item: an item of :class:`acdc_prune.data.VolumeDataset` (what is needed to undo the in-plane
+            resampling and the padding).
+
+    Returns:
+        ``(X, Y, Z)`` uint8 labels (0 background, 1 RV, 2 MYO, 3 LV) on the original image grid.
+    """
+    from acdc_prune.data import invert_to_original
+
+    return torch.as_tensor(invert_to_original(probs, item)).argmax(dim=0).cpu().numpy().astype(np.uint8)
