@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -18,6 +19,28 @@ from typing import Any
 import yaml
 
 from acdc_prune.errors import ConfigError
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-4`` and ``1.5e3`` as numbers, as YAML 1.2 does (YAML 1.1,
+    which PyYAML follows, wants ``1.0e-4`` and reads the others as strings)."""
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes the strings :class:`_YamlLoader` would read as numbers."""
+
+
+for _cls in (_YamlLoader, _YamlDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+.0123456789"),
+    )
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely (plain data only: no tags that build Python objects)."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def spec(default: Any = MISSING, *, factory: Any = MISSING, doc: str = "", **limits: Any) -> Any:
@@ -150,6 +173,10 @@ class LoggingConfig:
     tensorboard: bool = spec(True, doc="write TensorBoard event files")
     wandb: bool = spec(False, doc="log to Weights & Biases if installed")
     wandb_project: str = spec("acdc-prune", doc="W&B project")
+    mlflow: bool = spec(False, doc="log params, per-epoch metrics and artifacts to MLflow if installed")
+    mlflow_uri: str | None = spec(
+        None, doc="MLflow tracking URI (server, database or folder); null = a local store <runs_dir>/mlruns"
+    )
     progress: bool = spec(True, doc="rich progress bars")
 
 
@@ -270,11 +297,14 @@ def config_from_dict(raw: dict[str, Any] | None) -> Config:
     """Validate a nested mapping and return a :class:`Config`; missing keys take their defaults.
 
     Raises:
-        ConfigError: naming the key for unknown keys (with the closest valid key), wrong types and
-            out-of-range values.
+        ConfigError: naming the key for unknown keys (with the closest valid key), wrong types,
+            out-of-range values, and an experiment name that is not a plain folder name.
     """
+    from acdc_prune.io import check_name
+
     config = from_mapping(Config, raw, "")
     config.pruning.ratios = validate_ratios(config.pruning.ratios)
+    check_name(config.logging.experiment, "logging.experiment")  # a folder under runs_dir, never outside
     return config
 
 
@@ -293,15 +323,15 @@ def validate_ratios(raw: Any, where: str = "pruning.ratios") -> dict[str, float]
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``"training.epochs=5"`` into ``(["training", "epochs"], 5)``; the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. training.epochs=5")
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. training.epochs=5")
     key, _, value = text.partition("=")
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) < 2:
-        raise ConfigError(f"override '{text}' must name a section and a key, e.g. training.epochs=5")
+        raise ConfigError(f"override {text!r} must name a section and a key, e.g. training.epochs=5")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = load_yaml(value) if value.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({err.__class__.__name__})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err.__class__.__name__})") from None
     return parts, parsed
 
 
@@ -314,7 +344,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{text}': '{part}' is not a section")
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
             node = child
         node[parts[-1]] = value
     return merged
@@ -326,7 +356,7 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -353,7 +383,7 @@ def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the file a run folder keeps)."""
     from acdc_prune.io import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(Path(path), yaml.dump(config.to_dict(), Dumper=_YamlDumper, sort_keys=False))
 
 
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

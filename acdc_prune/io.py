@@ -4,40 +4,45 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import io
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from acdc_prune.errors import CheckpointError, ConfigError
+from acdc_prune.errors import CheckpointError, ConfigError, DiskFullError
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    """Write through ``write(file)`` into a temporary sibling, fsync it, then rename over ``path``."""
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the new one.
+
+    The data goes into a temporary sibling, is fsynced, then renamed over ``path``. A failed write
+    removes the temporary file and leaves ``path`` as it was; a full disk raises
+    :class:`DiskFullError` naming ``path``. A killed process can leave the temporary file
+    (``.<name>.<random>.tmp``), which no reader takes for ``path``; :func:`remove_leftovers` deletes it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            raise DiskFullError(path) from None
         raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: readers see the old file or the new one."""
-    _atomic_write(path, lambda f: f.write(data), "wb")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -58,10 +63,48 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (a crash never leaves a truncated checkpoint)."""
+    """``torch.save`` ``obj`` to ``path`` atomically (a crash never leaves a truncated checkpoint).
+
+    The checkpoint is serialised in memory first: ``torch.save`` into a file turns a failing write
+    (a full disk) into an opaque ``RuntimeError``, while a plain write reports it as it is.
+    """
     import torch
 
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def read_json(path: Path, advice: str) -> Any:
+    """Read a JSON file this project wrote; a truncated or edited file is a one-line error.
+
+    Args:
+        path: the file.
+        advice: what the user should do about a damaged file, e.g. "delete it and run again".
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or not valid JSON.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; {advice}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is truncated or not valid JSON ({err}); {advice}") from None
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete what killed processes left in ``folder``: temporary files of :func:`atomic_write_bytes`
+    (``.<name>.*.tmp``) and staging folders of :func:`staged_dir` (``.<name>.*.partial``).
+
+    Only for a folder that no running process writes into (a run being resumed, a sweep re-run).
+    """
+    folder = Path(folder)
+    for path in [*folder.glob(".*.tmp"), *folder.glob(".*.partial")]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def safe_torch_load(path: Path) -> Any:
@@ -85,6 +128,8 @@ def safe_torch_load(path: Path) -> Any:
             reason = "it contains pickled objects that are not plain tensors (refused for safety)"
         elif "zip" in lowered or "eof" in lowered or "truncated" in lowered:
             reason = "it is truncated or not a PyTorch file"
+        else:
+            reason = f"it is not a PyTorch checkpoint ({reason})"
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}") from None
 
 

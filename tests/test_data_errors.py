@@ -167,11 +167,17 @@ def test_check_dataset_lists_every_problem(tiny_phantom: Path, tmp_path: Path) -
     truncated = root / "patient003" / "patient003_frame01.nii.gz"
     truncated.write_bytes(truncated.read_bytes()[:1000])
     (root / "patient004" / "Info.cfg").write_text("ED: 1\nGroup: HCM\n")
+    with_nan = root / "patient005" / "patient005_frame01.nii.gz"
+    image = nib.load(str(with_nan))
+    data = np.asarray(image.dataobj, dtype=np.float32).copy()
+    data[0, 0, 0] = np.nan
+    write_nifti(with_nan, data, image.affine)
     report = check_dataset(root)
     assert not report.ok
-    assert len(report.problems) == 3
-    for path in (bad_label, truncated, root / "patient004" / "Info.cfg"):
+    assert len(report.problems) == 4
+    for path in (bad_label, truncated, root / "patient004" / "Info.cfg", with_nan):
         assert sum(str(path) in p for p in report.problems) == 1
+    assert any("1 of" in p and "voxels are NaN or infinite" in p for p in report.problems)
     assert report.summary["patients"] == 4 and report.summary["volumes"] == 8
     assert report.summary["label_values"] == [0, 1, 2, 3, 4]
 

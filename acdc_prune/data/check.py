@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from acdc_prune.data.nifti import check_label_values, check_pair, open_nifti, read_volume
+from acdc_prune.data.nifti import check_finite, check_label_values, check_pair, open_nifti, read_volume
 from acdc_prune.data.records import VolumeRecord, detect_layout, discover_with
 from acdc_prune.errors import DataError
 
@@ -55,7 +55,7 @@ def _check_record(record: VolumeRecord, stats: dict[str, list], problems: list[s
     """Read one volume and its label completely; add figures to ``stats`` and problems to ``problems``."""
     try:
         image = open_nifti(record.image)
-        read_volume(record.image)
+        check_finite(read_volume(record.image)[0], record.image)
     except DataError as err:
         problems.append(str(err))
         return
@@ -85,9 +85,9 @@ def _check_record(record: VolumeRecord, stats: dict[str, list], problems: list[s
 def check_dataset(root: str | Path, layout: str = "auto") -> DatasetReport:
     """Summarise a data set and list every problem found (the data set is read completely).
 
-    Problems: an unreadable, truncated or non-NIfTI file; an image/label shape or affine mismatch; label
-    values outside 0..3; a missing Info.cfg, Info.cfg key or ED/ES frame; a 2D or 4D file where a 3D
-    volume is expected; labels missing for some volumes while others have them.
+    Problems: an unreadable, truncated or non-NIfTI file; NaN or infinite voxels; an image/label shape
+    or affine mismatch; label values outside 0..3; a missing Info.cfg, Info.cfg key or ED/ES frame; a 2D
+    or 4D file where a 3D volume is expected; labels missing for some volumes while others have them.
 
     Args:
         root: an ACDC or nnU-Net raw folder (see :func:`~acdc_prune.data.discover`).

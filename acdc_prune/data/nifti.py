@@ -98,6 +98,17 @@ def read_volume(path: str | Path, dtype: type = np.float32) -> tuple[np.ndarray,
     return data, true_affine(img)
 
 
+def check_finite(values: np.ndarray, path: str | Path) -> None:
+    """Refuse a volume with NaN or infinite voxels (they would turn the whole training loss into NaN).
+
+    Raises:
+        DataError: naming the file and how many voxels are affected.
+    """
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise DataError(f"{path}: {bad} of {values.size} voxels are NaN or infinite (fix or remove the file)")
+
+
 def check_label_values(values: np.ndarray, path: str | Path) -> None:
     """Refuse label values outside 0..3 or non-integer labels; ``values`` are the unique values found.
 

@@ -30,6 +30,7 @@ from monai.transforms import (
 
 from acdc_prune.config import DataConfig
 from acdc_prune.data.nifti import (
+    check_finite,
     check_label_values,
     check_pair,
     describe_error,
@@ -46,9 +47,10 @@ class LoadVolumed(MapTransform):
     """Load the ``image`` and ``label`` NIfTI paths of a dict with MONAI's ``LoadImage`` (nibabel).
 
     On top of ``LoadImage`` it checks what a training pipeline must not silently accept: each file is a
-    readable 3D NIfTI, the label has the image's shape and affine and holds only the values 0..3. The
-    affine of each volume is taken from :func:`~acdc_prune.data.nifti.true_affine` (ACDC's files carry
-    a unit-scaled sform with the spacing in pixdim). Any failure is a one-line :class:`DataError` that
+    readable 3D NIfTI without NaN or infinite voxels, the label has the image's shape and affine and
+    holds only the values 0..3. The affine of each volume is taken from
+    :func:`~acdc_prune.data.nifti.true_affine` (ACDC's files carry a unit-scaled sform with the spacing
+    in pixdim). Any failure is a one-line :class:`DataError` that
     names the file. Output volumes are MetaTensors (X, Y, Z) float32, not yet channel-first.
     """
 
@@ -70,6 +72,7 @@ class LoadVolumed(MapTransform):
                 raise
             except Exception as err:  # nibabel/gzip/zlib raise several types for damaged files
                 raise DataError(f"{path}: corrupt or truncated file ({describe_error(err)})") from None
+            check_finite(volume.as_tensor().numpy(), path)
             affine = torch.as_tensor(true_affine(header), dtype=torch.float64)
             volume.affine = affine
             volume.meta["original_affine"] = affine.clone()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, RandomSampler
 
 from acdc_prune.config import Config, TrainingConfig, save_config
+from acdc_prune.engine import distributed
 from acdc_prune.engine.checkpoints import (
     checkpoint_config,
     read_checkpoint,
@@ -31,8 +32,14 @@ from acdc_prune.engine.checkpoints import (
 )
 from acdc_prune.engine.inference import predict_volume
 from acdc_prune.engine.metrics import STRUCTURES, mean_foreground_dice, volume_metrics
-from acdc_prune.errors import AcdcPruneError, ConfigError
-from acdc_prune.io import atomic_write_json, atomic_write_text, new_run_dir
+from acdc_prune.errors import AcdcPruneError, ConfigError, DiskFullError, Interrupted, ResourceError
+from acdc_prune.io import (
+    atomic_save_figure,
+    atomic_write_json,
+    atomic_write_text,
+    new_run_dir,
+    remove_leftovers,
+)
 from acdc_prune.models import build_model, total_stride
 
 DICE_KEYS = tuple(f"dice_{name}" for name in STRUCTURES.values()) + ("dice_mean",)
@@ -221,10 +228,12 @@ def build_train_step(
     )
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of everything random in ``epoch``: a run's randomness depends only on (seed, epoch),
-    so a resumed run draws exactly what an uninterrupted one would, without saving RNG states."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Seed of everything random in ``epoch`` on process ``rank``: a run's randomness depends only on
+    (seed, epoch, rank), so a resumed run draws exactly what an uninterrupted one would, without
+    saving RNG states. Rank 0 draws what a single process draws."""
+    entropy = [seed, epoch, rank] if rank else [seed, epoch]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -235,18 +244,35 @@ def seed_everything(seed: int) -> None:
 
 
 def make_train_loader(
-    dataset: Dataset, batch_size: int, steps: int, seed: int, num_workers: int, pin_memory: bool
+    dataset: Dataset,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    rank_seed: int | None = None,
 ) -> DataLoader:
     """A MONAI loader yielding exactly ``steps`` shuffled batches of ``batch_size`` slices.
 
     Shuffling, and the random state of the dataset's MONAI transforms (set by MONAI's loader in the
     main process or its worker init), come from a generator seeded with ``seed``.
+
+    With ``world_size`` processes, ``batch_size`` is the global batch: every process shuffles with
+    ``seed`` alike and keeps its ``rank``'s share of each batch (``batch_size // world_size`` slices,
+    see :class:`~acdc_prune.engine.distributed.ShardSampler`), while its transforms are seeded with
+    ``rank_seed`` so that augmentations differ between processes.
     """
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(dataset, num_samples=steps * batch_size, generator=generator)
+    if world_size > 1:
+        sampler = distributed.ShardSampler(sampler, batch_size, rank, world_size)
+        generator = torch.Generator().manual_seed(seed if rank_seed is None else rank_seed)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size // world_size,
         sampler=sampler,
         drop_last=True,
         num_workers=num_workers,
@@ -341,7 +367,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 class RunLog:
-    """Per-epoch outputs of a run: metrics JSON/CSV, curves PNG, TensorBoard and (optional) W&B.
+    """Per-epoch outputs of a run: metrics JSON/CSV, curves PNG, TensorBoard and (optional) W&B and MLflow.
 
     Args:
         run_dir: the run folder.
@@ -354,6 +380,7 @@ class RunLog:
         self.run_dir = run_dir
         self.writer = None
         self.wandb = None
+        self.mlflow = None
         if config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -372,6 +399,13 @@ class RunLog:
                     resume="allow",
                     id=f"{run_dir.parent.name}-{run_dir.name}",
                 )
+        if config.logging.mlflow:
+            if importlib.util.find_spec("mlflow") is None:
+                console.print("[yellow]logging.mlflow is on but mlflow is not installed: skipped[/]")
+            else:
+                from acdc_prune.engine.tracking import MlflowRun
+
+                self.mlflow = MlflowRun(run_dir, config)
 
     def log(self, history: list[dict[str, Any]], best_dice: float | None, best_epoch: int | None) -> None:
         """Rewrite the metrics files (and, on validated epochs, the curves) for ``history``; send its
@@ -394,13 +428,26 @@ class RunLog:
             self.writer.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=row["epoch"])
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(scalars, step=row["epoch"])
 
     def close(self) -> None:
-        """Flush and close the trackers."""
+        """Flush and close the trackers; the MLflow run gets the metrics files and curves as artifacts.
+
+        Called from a ``finally`` block: an exception on its way out marks the MLflow run ``KILLED``
+        (Ctrl-C) or ``FAILED`` instead of ``FINISHED``.
+        """
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.mlflow is not None:
+            error = sys.exc_info()[0]
+            status = "FINISHED" if error is None else "FAILED"
+            if error is not None and issubclass(error, KeyboardInterrupt):
+                status = "KILLED"
+            files = ("config.yaml", "metrics.json", "metrics.csv", "curves.png")
+            self.mlflow.finish([self.run_dir / name for name in files], status)
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -425,9 +472,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
     for ax in (loss_ax, dice_ax, lr_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_save_figure(figure, path, dpi=110)
 
 
 def make_progress(console: Console, enabled: bool) -> Progress:
@@ -450,6 +495,14 @@ def _format_row(row: dict[str, Any], epochs: int) -> str:
         dice = "  ".join(f"{k.removeprefix('dice_')} {row[k]:.4f}" for k in DICE_KEYS if row[k] is not None)
         text += f"  Dice {dice}"
     return text + f"  {row['time_s']:.1f}s ({row['slices_per_s']:.1f} slices/s)"
+
+
+def _stop_note(run_dir: Path, done: int, resumable: bool) -> str:
+    """What a run stopped after ``done`` epochs keeps, and the command that continues it if ``resumable``."""
+    if not done:
+        return "no checkpoint was written"
+    kept = f"{run_dir / 'last.pt'} keeps epoch {done}"
+    return f"{kept}; continue with: acdc-prune train --resume {run_dir}" if resumable else kept
 
 
 def _resume_state(resume: Path, config: Config) -> tuple[Config, nn.Module, str | None, Path, dict[str, Any]]:
@@ -485,6 +538,13 @@ def train(
     resumed run ends identical to an uninterrupted one. Validation (every ``training.val_every``
     epochs and at the last) scores the mean foreground 3D Dice in each volume's original geometry.
 
+    Under torchrun (``WORLD_SIZE`` > 1) the processes train one ``DistributedDataParallel`` model:
+    ``training.batch_size`` is the global batch, split evenly over the processes; rank 0 alone
+    validates, writes the run folder and shows progress, and every rank returns the same result.
+    The process group is joined here and destroyed on return (also on errors) unless the caller had
+    initialised it; a caller that trains more than once in a torchrun process must initialise it,
+    since re-creating a destroyed group there hangs.
+
     Args:
         config: the experiment config.
         resume: a run folder (or its ``last.pt``) to continue; its stored config is used, except
@@ -503,8 +563,25 @@ def train(
 
     Raises:
         ConfigError: bad device or settings; DataError: unreadable data; CheckpointError: bad resume
-            checkpoint; AcdcPruneError: the loss became NaN/inf (``last.pt`` keeps the last good epoch).
+            checkpoint; AcdcPruneError: the loss became NaN/inf (``last.pt`` keeps the last good epoch);
+            ResourceError: out of memory in a training step, or a full disk (``DiskFullError``);
+            Interrupted (a ``KeyboardInterrupt``): Ctrl-C. Their messages say which epoch ``last.pt``
+            keeps and, for a folder train named itself, the ``acdc-prune train --resume`` command.
     """
+    with distributed.owned_process_group():
+        return _train(config, resume, model, run_dir, plan_json, init_checkpoint_epochs, console)
+
+
+def _train(
+    config: Config,
+    resume: Path | None,
+    model: nn.Module | None,
+    run_dir: Path | None,
+    plan_json: str | None,
+    init_checkpoint_epochs: bool,
+    console: Console | None,
+) -> TrainResult:
+    """The body of :func:`train` (same arguments), inside the process group it may join."""
     from acdc_prune.data import (
         TrainSliceDataset,
         VolumeDataset,
@@ -522,29 +599,44 @@ def train(
             raise ConfigError("resume and model are exclusive: a resumed run rebuilds its model from last.pt")
         config, model, plan_json, run_dir, checkpoint = _resume_state(Path(resume), config)
     cfg = config.training
-    device = resolve_device(cfg.device)
+    ranks, device = distributed.join(resolve_device(cfg.device))
+    distributed.check_global_batch(cfg.batch_size, ranks.world_size)
+    if not ranks.is_main:
+        console = Console(quiet=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     if model is None:
         seed_everything(cfg.seed)
         model = build_model(config.model)
-    if run_dir is None:
-        run_dir = new_run_dir(config.logging.runs_dir, config.logging.experiment)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
 
     records = load_records(config.data, config.logging.runs_dir)
     train_records, val_records = split_records(records, config.data)
-    save_split(run_dir / "split.json", train_records, val_records)
     divisor = total_stride(config.model)
     runs_dir = config.logging.runs_dir
     train_set = TrainSliceDataset(train_records, config.data, divisor, cfg.seed, runs_dir)
-    val_set = VolumeDataset(val_records, config.data, divisor, runs_dir)
-    validator = Validator(val_set, config.evaluation.batch_size, invert_to_original, load_label)
+    validator = None
+    if ranks.is_main:  # the other ranks receive rank 0's scores
+        val_set = VolumeDataset(val_records, config.data, divisor, runs_dir)
+        validator = Validator(val_set, config.evaluation.batch_size, invert_to_original, load_label)
     steps = cfg.iterations_per_epoch or max(1, len(train_set) // cfg.batch_size)
 
     step = build_train_step(model, cfg, device, steps)
+    step.model = distributed.wrap_model(model, device)
+
+    # The run folder appears only once the data and the settings have passed their checks. A folder
+    # that train names (new or resumed) is the user's to resume; a caller's folder is the caller's.
+    resumable = run_dir is None or resume is not None
+    if run_dir is None:  # named by rank 0 alone, so that all ranks share one new folder
+        run_dir = distributed.broadcast_from_main(
+            new_run_dir(config.logging.runs_dir, config.logging.experiment) if ranks.is_main else None
+        )
+    run_dir = Path(run_dir)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(run_dir)
+        save_config(config, run_dir / "config.yaml")
+        save_split(run_dir / "split.json", train_records, val_records)
+
     history: list[dict[str, Any]] = list(checkpoint.get("history", []))
     best_dice, best_epoch = checkpoint.get("best_dice"), checkpoint.get("best_epoch")
     start = checkpoint.get("epoch", 0)
@@ -553,43 +645,58 @@ def train(
         step.scheduler.load_state_dict(checkpoint["scheduler"])
         step.scaler.load_state_dict(checkpoint["scaler"])
 
-    log = RunLog(run_dir, config, console, first_epoch=start + 1)
-    progress = make_progress(console, config.logging.progress)
+    log = RunLog(run_dir, config, console, first_epoch=start + 1) if ranks.is_main else None
+    progress = make_progress(console, config.logging.progress and ranks.is_main)
     epoch_task = progress.add_task("epochs", total=cfg.epochs, completed=start, info="")
     batch_task = progress.add_task("batches", total=steps, info="")
     try:
         with progress:
             for epoch in range(start + 1, cfg.epochs + 1):
                 seed = epoch_seed(cfg.seed, epoch)
-                seed_everything(seed)
+                rank_seed = epoch_seed(cfg.seed, epoch, ranks.rank)
+                seed_everything(rank_seed)
                 loader = make_train_loader(
-                    train_set, cfg.batch_size, steps, seed, config.data.num_workers, device.type == "cuda"
+                    train_set,
+                    cfg.batch_size,
+                    steps,
+                    seed,
+                    config.data.num_workers,
+                    device.type == "cuda",
+                    rank=ranks.rank,
+                    world_size=ranks.world_size,
+                    rank_seed=rank_seed,
                 )
                 progress.reset(batch_task, total=steps, description=f"epoch {epoch}", info="")
                 began = time.perf_counter()
 
                 def refresh(done: int, loss: float, slices: int, began: float = began) -> None:
-                    speed = slices / max(time.perf_counter() - began, 1e-9)
+                    speed = slices * ranks.world_size / max(time.perf_counter() - began, 1e-9)
                     progress.update(batch_task, completed=done, info=f"loss {loss:.4f}  {speed:.1f} slices/s")
 
                 try:
                     train_loss, slices = run_epoch(step, loader, refresh)
                 except NonFiniteLoss as err:
-                    kept = (
-                        f"{run_dir / 'last.pt'} keeps epoch {start}" if start else "no checkpoint was written"
-                    )
+                    kept = _stop_note(run_dir, start, resumable=False)  # resuming would diverge again
                     raise AcdcPruneError(f"training stopped at epoch {epoch}: {err}; {kept}") from None
+                except torch.OutOfMemoryError:
+                    raise ResourceError(
+                        f"out of memory on {device} in epoch {epoch} (training.batch_size {cfg.batch_size}, "
+                        f"data.patch_size {config.data.patch_size}); train again with a lower "
+                        f"training.batch_size or data.patch_size, e.g. --set training.batch_size="
+                        f"{max(1, cfg.batch_size // 2)}; {_stop_note(run_dir, start, resumable=False)}"
+                    ) from None
                 elapsed = time.perf_counter() - began
                 row = {
                     "epoch": epoch,
-                    "train_loss": train_loss,
+                    "train_loss": distributed.mean_over_ranks(train_loss, device),
                     "lr": step.optimizer.param_groups[0]["lr"],
                     **dict.fromkeys(DICE_KEYS),
                     "time_s": elapsed,
-                    "slices_per_s": slices / elapsed,
+                    "slices_per_s": slices * ranks.world_size / elapsed,
                 }
                 if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-                    row.update(validator(model, device))
+                    scores = validator(model, device) if validator is not None else None
+                    row.update(distributed.broadcast_from_main(scores))
                     row["time_s"] = time.perf_counter() - began
                 history.append(row)
                 improved = row["dice_mean"] is not None and (
@@ -597,6 +704,10 @@ def train(
                 )
                 if improved:
                     best_dice, best_epoch = row["dice_mean"], epoch
+                # last.pt is written last: it marks the epoch complete. A crash before it makes the
+                # resumed run redo this epoch and rewrite everything written before it.
+                if log is not None:
+                    log.log(history, best_dice, best_epoch)
                 state = {
                     "optimizer": step.optimizer.state_dict(),
                     "scheduler": step.scheduler.state_dict(),
@@ -608,14 +719,27 @@ def train(
                 names = ["best"] if improved else []
                 if init_checkpoint_epochs and epoch in cfg.checkpoint_epochs:
                     names.append(f"epoch{epoch}")
-                for name in [*names, "last"]:
-                    save_checkpoint(
-                        run_dir / f"{name}.pt", model, config, epoch=epoch, state=state, plan_json=plan_json
-                    )
+                if ranks.is_main:
+                    for name in [*names, "last"]:
+                        save_checkpoint(
+                            run_dir / f"{name}.pt",
+                            model,
+                            config,
+                            epoch=epoch,
+                            state=state,
+                            plan_json=plan_json,
+                        )
                 start = epoch
-                log.log(history, best_dice, best_epoch)
                 progress.update(epoch_task, completed=epoch)
                 progress.console.print(_format_row(row, cfg.epochs), soft_wrap=True)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped in epoch {start + 1}; {_stop_note(run_dir, start, resumable)}") from None
+    except DiskFullError as err:
+        if not (resumable and start):
+            raise
+        raise DiskFullError(err.path, f"resume the run ({_stop_note(run_dir, start, resumable)})") from None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+    distributed.barrier()  # no rank returns before rank 0 has written the run folder
     return TrainResult(run_dir=run_dir, best_dice=best_dice, best_epoch=best_epoch, history=history)

@@ -28,7 +28,7 @@ def read_ratios(path: str | Path) -> dict[str, float]:
         ConfigError: unreadable YAML, not a mapping, or a value that is not a number in [0, 1).
     """
     raw = read_yaml(path)
-    if isinstance(raw, dict) and set(raw) == {"ratios"}:
+    if isinstance(raw, dict) and set(raw) == {"ratios"} and isinstance(raw["ratios"], dict):
         raw = raw["ratios"]
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of block prefixes to ratios, e.g. 'default: 0.25'")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from acdc_prune.config import Config, from_mapping, load_config, read_yaml, spec
 from acdc_prune.errors import CheckpointError, ConfigError
 from acdc_prune.experiments import report
 from acdc_prune.experiments.prune import REINIT_MODES
-from acdc_prune.io import atomic_write_json, check_name, staged_dir
+from acdc_prune.io import atomic_write_json, check_name, read_json, remove_leftovers, staged_dir
 
 
 @dataclass
@@ -97,7 +96,7 @@ def evaluate_once(model_dir: Path, out_dir: Path, console: Console) -> dict[str,
         model, config, _ = load_model(model_dir)
         with staged_dir(out_dir) as staging:
             evaluate_records(model, config, validation_records(config), staging, console)
-    return json.loads(summary_path.read_text())
+    return read_json(summary_path, f"delete {out_dir} and run the sweep again")
 
 
 def _arms(sweep: SweepConfig, base: Config) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -115,6 +114,11 @@ def _arms(sweep: SweepConfig, base: Config) -> list[tuple[str, str, str, dict[st
             }
             arms.append((f"{setting}-scratch", setting, "scratch", {**kwargs, "ratios": ratios}))
     return arms
+
+
+def _arm_result(arm_dir: Path) -> dict[str, Any]:
+    """The ``result.json`` of a finished arm (see ``prune_run``)."""
+    return read_json(arm_dir / "result.json", f"delete {arm_dir} and run the sweep again")
 
 
 def run_sweep(
@@ -142,8 +146,16 @@ def run_sweep(
     console = console or Console()
     overrides = [*sweep.overrides, *([f"data.root={data}"] if data is not None else [])]
     base = load_config(base_dir / sweep.config if sweep.config else None, overrides)
-    root = Path(base.logging.runs_dir) / check_name(base.logging.experiment, "experiment name") / sweep.name
+    root = Path(base.logging.runs_dir) / base.logging.experiment / sweep.name
     arms = _arms(sweep, base)
+    for folder in (root, root / "arms"):
+        remove_leftovers(folder)  # staging folders of steps that a killed earlier attempt left unfinished
+    # Results of arms finished earlier are read first: a damaged one stops the sweep before new work.
+    finished = {
+        arm: _arm_result(root / "arms" / arm)
+        for arm, *_ in arms
+        if (root / "arms" / arm / "result.json").is_file()
+    }
 
     baseline_dir = Path(sweep.baseline) if sweep.baseline else root / "baseline"
     if sweep.baseline:
@@ -158,13 +170,14 @@ def run_sweep(
 
     for index, (arm, setting, mode, kwargs) in enumerate(arms, start=1):
         arm_dir = root / "arms" / arm
-        if (arm_dir / "result.json").is_file():
+        if arm in finished:
             console.print(f"[{index}/{len(arms)}] {arm}: finished earlier, skipped")
+            result = finished[arm]
         else:
             console.rule(f"[{index}/{len(arms)}] {arm}")
             rewind_to = sweep.rewind_to if mode == "rewind" else None
             prune_run(baseline_dir, out_dir=arm_dir, rewind_to=rewind_to, console=console, **kwargs)
-        result = json.loads((arm_dir / "result.json").read_text())
+            result = _arm_result(arm_dir)
         rows.append(report.summary_row(arm, setting, mode, result["before"], result["after"]))
         if (arm_dir / "metrics.csv").is_file():
             curves[arm] = pd.read_csv(arm_dir / "metrics.csv")
