@@ -49,6 +49,8 @@ def main(
 
 def _run(action: Callable[[], Any]) -> Any:
     """Run a command body; report known errors as one line and exit non-zero (traceback with --debug)."""
+    from rich.markup import escape
+
     from acdc_prune.errors import AcdcPruneError
 
     try:
@@ -58,23 +60,27 @@ def _run(action: Callable[[], Any]) -> Any:
     except AcdcPruneError as err:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
+    except KeyboardInterrupt as err:
+        detail = f": {escape(str(err))}" if str(err) else ""
+        err_console.print(f"[yellow]interrupted[/]{detail}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except (OSError, MemoryError) as err:
         if _state["debug"]:
             raise
         err_console.print(
-            f"[bold red]error:[/] {err.__class__.__name__}: {err}", highlight=False, soft_wrap=True
+            f"[bold red]error:[/] {err.__class__.__name__}: {escape(str(err))}",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(1) from None
     except Exception as err:
         if _state["debug"]:
             raise
         err_console.print(
-            f"[bold red]unexpected error:[/] {err.__class__.__name__}: {err} (--debug shows the traceback)",
+            f"[bold red]unexpected error:[/] {err.__class__.__name__}: {escape(str(err))} "
+            "(--debug shows the traceback)",
             highlight=False,
             soft_wrap=True,
         )
@@ -183,9 +189,11 @@ def train(
     """Train a segmentation network; writes runs/<experiment>/<run-id>/.
 
     Example: acdc-prune train --data ~/ACDC/training -c configs/acdc.yaml --set training.epochs=100
+    Multi-process: torchrun --nproc_per_node=2 -m acdc_prune train -c configs/demo.yaml
     """
 
     def body() -> None:
+        from acdc_prune.engine.distributed import current_ranks
         from acdc_prune.engine.trainer import train as train_model
 
         if resume is not None:
@@ -193,10 +201,11 @@ def train(
         else:
             cfg = _load_config(config, overrides, data)
         result = train_model(cfg, resume=resume, console=console)
-        console.print(
-            f"best mean foreground Dice {result.best_dice:.4f} at epoch {result.best_epoch}; "
-            f"run folder [bold]{result.run_dir}[/]"
-        )
+        if current_ranks().is_main:  # under torchrun, rank 0 alone reports
+            console.print(
+                f"best mean foreground Dice {result.best_dice:.4f} at epoch {result.best_epoch}; "
+                f"run folder [bold]{result.run_dir}[/]"
+            )
 
     _run(body)
 
@@ -223,6 +232,30 @@ def evaluate(
         evaluate_folder(
             model, data, out=out, save_predictions=save_predictions, overrides=overrides, console=console
         )
+
+    _run(body)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
+    data: Annotated[
+        Path, typer.Option(help="Images to segment (ACDC or nnU-Net layout; labels not needed).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: <run>/predictions/<time>).")
+    ] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Write a label volume (NIfTI, each image's own grid and affine) for every image of a folder.
+
+    Example: acdc-prune predict bundles/acdc_unet_prune/models/pruned/model.pt --data ~/ACDC/testing
+    """
+
+    def body() -> None:
+        from acdc_prune.experiments.predict import predict_folder
+
+        predict_folder(model, data, out=out, overrides=overrides, console=console)
 
     _run(body)
 
@@ -339,6 +372,33 @@ def demo(
         from acdc_prune.experiments.demo import run_demo
 
         run_demo(data=data, runs_dir=runs_dir, console=console)
+
+    _run(body)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="onnx, torchscript or exported (torch.export, .pt2).")
+    ] = "onnx",
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint of the run: best, last, epoch5...")] = "best",
+    out: Annotated[
+        Path | None, typer.Option(help="Output file or folder (default: <run>/export/<checkpoint>.<ext>).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    opset: Annotated[int, typer.Option(min=18, help="ONNX opset version.")] = 18,
+) -> None:
+    """Export a model with dynamic batch and size, checked against PyTorch; writes <file> and <file>.json.
+
+    Example: acdc-prune export runs/acdc/20261121-101500/pruned/none-20261121-120000 --format onnx
+    """
+
+    def body() -> None:
+        from acdc_prune.engine.export import export_checkpoint, print_export
+
+        result = export_checkpoint(model, fmt, checkpoint=checkpoint, out=out, force=force, opset=opset)
+        print_export(result, console)
 
     _run(body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -134,6 +135,29 @@ def test_evaluate_accepts_a_pruned_folder(trained_run, tmp_path):
     assert own_split.summary["mean_dice"] == pytest.approx(
         json.loads((pruned / "eval_before" / "summary.json").read_text())["mean_dice"]
     )
+
+
+def test_predict_writes_a_label_volume_per_image_in_its_own_geometry(trained_run, tmp_path):
+    import nibabel as nib
+
+    from acdc_prune.data import discover, phantom_root
+    from acdc_prune.data.nifti import open_nifti, true_affine
+
+    _, config, _ = load_model(trained_run)
+    root = phantom_root(config.data.cache_dir, config.data.phantom_patients, config.data.phantom_seed)
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(app, ["predict", str(trained_run), "--data", str(root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    images = [record.image for record in discover(root)]
+    assert len(list(out.glob("*.nii.gz"))) == len(images) == 8
+    for image in images:
+        written = nib.load(out / image.name)
+        assert written.shape == open_nifti(image).shape
+        np.testing.assert_allclose(written.affine, true_affine(open_nifti(image)), atol=1e-4)
+        assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 3}
+    again = CliRunner().invoke(app, ["predict", str(trained_run), "--data", str(root), "--out", str(out)])
+    assert again.exit_code == 2
+    assert "already exists" in again.output
 
 
 def test_bad_inputs_write_nothing(trained_run, tmp_path):

@@ -1,0 +1,505 @@
+"""Export a network to ONNX, TorchScript or a torch.export program, checked against eager PyTorch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from acdc_prune.errors import ConfigError, ExportError
+from acdc_prune.io import atomic_write_bytes, atomic_write_json
+
+SUFFIXES: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}
+"""File suffix of each export format; the keys are the formats :func:`export_model` writes."""
+OPSET = 18
+"""Default ONNX opset: the one torch's ONNX functions are written in (no version conversion), run by
+onnxruntime 1.14 and later."""
+TOLERANCE = 1e-4
+"""Largest absolute difference from eager PyTorch, over every logit of every check input, accepted."""
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+EXTRA_HINT = "pip install 'acdc-prune[export]'"
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote and measured.
+
+    Attributes:
+        format: ``onnx``, ``torchscript`` or ``exported``.
+        path: the exported file.
+        size_bytes: its size.
+        max_deviation: largest absolute logit difference from eager PyTorch over every check input.
+        checks: one entry per check input: ``input_shape`` and its ``max_abs_deviation``.
+        total_stride: H and W of an input must be multiples of it.
+        input_shape: the accepted input shape, e.g. ``["batch", 1, "32*h", "32*w"]``.
+        output_shape: the output shape in the same symbols, e.g. ``["batch", 4, "32*h", "32*w"]``.
+        details: format-specific facts (exporter, opset, runtime and torch versions, source checkpoint).
+    """
+
+    format: str
+    path: Path
+    size_bytes: int
+    max_deviation: float
+    checks: list[dict[str, Any]]
+    total_stride: int
+    input_shape: list[int | str]
+    output_shape: list[int | str]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def json_path(self) -> Path:
+        """The JSON file written beside the export: ``<file>.json``."""
+        return sidecar_path(self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the content of :attr:`json_path`)."""
+        return {
+            "format": self.format,
+            "file": str(self.path),
+            "size_bytes": self.size_bytes,
+            "max_abs_deviation": self.max_deviation,
+            "tolerance": TOLERANCE,
+            "checks": self.checks,
+            "total_stride": self.total_stride,
+            "input_shape": self.input_shape,
+            "output_shape": self.output_shape,
+            **self.details,
+        }
+
+
+def sidecar_path(path: Path) -> Path:
+    """``<path>.json``: where the export's summary goes."""
+    return path.with_name(path.name + ".json")
+
+
+def check_format(fmt: str) -> str:
+    """Return ``fmt`` if it is an export format.
+
+    Raises:
+        ConfigError: unknown format (the message lists the formats).
+    """
+    if fmt not in SUFFIXES:
+        raise ConfigError(f"unknown export format '{fmt}': choose one of {', '.join(SUFFIXES)}")
+    return fmt
+
+
+def default_export_path(checkpoint: Path, fmt: str) -> Path:
+    """``<checkpoint folder>/export/<checkpoint stem><suffix>``, e.g. ``run/export/best.onnx``."""
+    return checkpoint.parent / "export" / f"{checkpoint.stem}{SUFFIXES[check_format(fmt)]}"
+
+
+def require_onnx_stack() -> Any:
+    """Import what ONNX export needs (onnx, onnxscript for torch's exporter, onnxruntime for the check).
+
+    Returns:
+        The ``onnxruntime`` module.
+
+    Raises:
+        ExportError: one of them is not installed (the message says how to install them).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ExportError(
+            f"ONNX export needs the package '{err.name}', not installed: {EXTRA_HINT}"
+        ) from None
+    return onnxruntime
+
+
+def _reason(err: Exception) -> str:
+    """The first non-empty line of an exception's message, with its type."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' warnings and logs: tracer notes on shape tests, deprecations, and
+    torch.onnx listing torchvision operators it skips. The check against eager output is what counts."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def dynamic_shapes(stride: int) -> tuple[dict[int, Any], ...]:
+    """torch.export dynamic shapes of a ``(B, C, H, W)`` input: any batch, H and W multiples of ``stride``.
+
+    Args:
+        stride: the network's total stride (:func:`acdc_prune.models.total_stride`).
+
+    Returns:
+        A one-element tuple (the model's single positional input) mapping dims 0, 2 and 3 to
+        ``Dim("batch")``, ``stride * Dim("h")`` and ``stride * Dim("w")``.
+    """
+    batch, height, width = (torch.export.Dim(name, min=1) for name in ("batch", "h", "w"))
+    return ({0: batch, 2: stride * height, 3: stride * width},)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, stride: int, opset: int = OPSET) -> bytes:
+    """Serialise ``model`` to ONNX with torch's torch.export-based exporter (``dynamo=True``).
+
+    Args:
+        model: eval-mode network ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+        example: a ``(B, C_in, H, W)`` example input with B >= 2 and distinct H / stride, W / stride
+            >= 2, so that no dimension is specialised to its example value.
+        stride: H and W of the exported model are ``stride * h`` and ``stride * w``.
+        opset: ONNX operator set version.
+
+    Returns:
+        The ONNX model (weights included) with input ``image`` and output ``logits`` whose batch, H
+        and W are symbolic (``batch``, ``<stride>*h``, ``<stride>*w``).
+
+    Raises:
+        ExportError: the model cannot be exported (the message gives torch's reason).
+    """
+    require_onnx_stack()
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes(stride),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                verbose=False,
+            )
+            return program.model_proto.SerializeToString()
+    except Exception as err:  # torch.export and the ONNX translator raise many types; all mean "cannot"
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_reason(err)}") from None
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
+    """Serialise ``model`` with ``torch.jit.trace`` and ``torch.jit.save``.
+
+    Tracing records the operations run on ``example``; convolutions generalise to other batch and
+    spatial sizes, while Python tests on shapes are frozen to their outcome on ``example`` (true for
+    every input whose H and W are multiples of the total stride, like the example).
+
+    Args:
+        model: eval-mode network ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+        example: ``(B, C_in, H, W)`` input with H and W multiples of the total stride.
+
+    Raises:
+        ExportError: tracing or saving failed.
+    """
+    buffer = io.BytesIO()
+    try:
+        with _quiet(), torch.no_grad():
+            torch.jit.save(torch.jit.trace(model, (example,), check_trace=False), buffer)
+    except Exception as err:  # the tracer raises many types; all mean "cannot be traced"
+        raise ExportError(f"cannot trace {type(model).__name__} to TorchScript: {_reason(err)}") from None
+    return buffer.getvalue()
+
+
+def export_program(model: nn.Module, example: torch.Tensor, stride: int) -> bytes:
+    """Serialise ``model`` with ``torch.export.export`` (dynamic batch, H, W) and ``torch.export.save``.
+
+    Args:
+        model: eval-mode network ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+        example: as for :func:`export_onnx`.
+        stride: H and W of the program are ``stride * h`` and ``stride * w``.
+
+    Returns:
+        The ``.pt2`` archive.
+
+    Raises:
+        ExportError: torch.export refused the model (the message gives its reason).
+    """
+    buffer = io.BytesIO()
+    try:
+        with _quiet():
+            torch.export.save(
+                torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(stride)), buffer
+            )
+    except Exception as err:  # torch.export raises many types; all mean "cannot be exported"
+        raise ExportError(f"cannot export {type(model).__name__} with torch.export: {_reason(err)}") from None
+    return buffer.getvalue()
+
+
+def onnx_runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running the serialised ONNX model on onnxruntime's CPU provider, tensor in, tensor out."""
+    session = require_onnx_stack().InferenceSession(data, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+
+
+def torchscript_runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The TorchScript module ``torch.jit.load`` reads from ``data``."""
+    with _quiet():
+        return torch.jit.load(io.BytesIO(data), map_location="cpu")
+
+
+def program_runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module of the program ``torch.export.load`` reads from ``data``."""
+    with _quiet():
+        return torch.export.load(io.BytesIO(data)).module()
+
+
+RUNNERS: dict[str, Callable[[bytes], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "onnx": onnx_runner,
+    "torchscript": torchscript_runner,
+    "exported": program_runner,
+}
+
+
+def check_shapes(stride: int, in_channels: int, size: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """The inputs an export is checked on: three batch sizes, three spatial sizes.
+
+    Args:
+        stride: the network's total stride.
+        in_channels: input channels.
+        size: a realistic slice size (H, W), e.g. the training patch; rounded up to the stride.
+
+    Returns:
+        ``(1, C, H, W)`` at ``size``, ``(3, C, 2s, 3s)`` and ``(2, C, 3s, 2s)``.
+    """
+    height, width = (math.ceil(side / stride) * stride for side in size)
+    return [
+        (1, in_channels, height, width),
+        (3, in_channels, 2 * stride, 3 * stride),
+        (2, in_channels, 3 * stride, 2 * stride),
+    ]
+
+
+def deviations(
+    model: nn.Module,
+    candidate: Callable[[torch.Tensor], torch.Tensor],
+    shapes: Sequence[tuple[int, ...]],
+    seed: int = 0,
+) -> list[float]:
+    """Largest absolute difference between ``candidate`` and eval-mode ``model`` on random inputs.
+
+    Args:
+        model: the eager reference ``(B, C_in, H, W) -> (B, C_out, H, W)``.
+        candidate: the exported model as a function of the same input.
+        shapes: input shapes, one standard-normal input each.
+        seed: seed of the inputs.
+
+    Returns:
+        One maximum per shape (NaN or inf when an output is not finite).
+
+    Raises:
+        ExportError: ``candidate`` returns another shape than ``model`` for some input.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    result = []
+    with torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(shape, generator=generator)
+            got, expected = candidate(x), model(x)
+            if got.shape != expected.shape:
+                raise ExportError(
+                    f"for input {tuple(shape)} the export returns {tuple(got.shape)}, "
+                    f"PyTorch {tuple(expected.shape)}"
+                )
+            result.append(float((got - expected).abs().max()))
+    return result
+
+
+def refuse_existing(path: Path, force: bool) -> None:
+    """Raise :class:`ExportError` when ``path`` or its ``.json`` exists and ``force`` is not set."""
+    for candidate in (path, sidecar_path(path)):
+        if candidate.is_dir():
+            raise ExportError(f"{candidate} is a folder; give a file name with --out")
+        if candidate.exists() and not force:
+            raise ExportError(f"{candidate} already exists; pass --force to replace it")
+
+
+def _serialise(fmt: str, model: nn.Module, example: torch.Tensor, stride: int, opset: int) -> bytes:
+    """The exported model in format ``fmt`` as bytes."""
+    if fmt == "onnx":
+        return export_onnx(model, example, stride, opset)
+    if fmt == "torchscript":
+        return export_torchscript(model, example)
+    return export_program(model, example, stride)
+
+
+def _format_details(fmt: str, opset: int) -> dict[str, Any]:
+    """Exporter and runtime versions of an export in format ``fmt``."""
+    details: dict[str, Any] = {"torch": torch.__version__}
+    if fmt == "onnx":
+        import onnxruntime
+
+        details.update(
+            exporter="torch.onnx.export(dynamo=True)",
+            opset=opset,
+            onnxruntime=onnxruntime.__version__,
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+        )
+    elif fmt == "torchscript":
+        details["exporter"] = "torch.jit.trace"
+    else:
+        details["exporter"] = "torch.export.export"
+    return details
+
+
+def export_model(
+    model: nn.Module,
+    fmt: str,
+    out: Path,
+    *,
+    stride: int,
+    in_channels: int,
+    check_size: Sequence[int],
+    force: bool = False,
+    opset: int = OPSET,
+    source: Path | None = None,
+) -> ExportResult:
+    """Export ``model``, check it against eager PyTorch, and write it and ``<out>.json`` atomically.
+
+    The model is exported in eval mode from a ``(2, C_in, 3s, 4s)`` example, reloaded from the exact
+    bytes that will be written (onnxruntime, ``torch.jit.load`` or ``torch.export.load``), and run on
+    the inputs of :func:`check_shapes`. Nothing is written unless every logit is within
+    :data:`TOLERANCE` of eager PyTorch.
+
+    Args:
+        model: network ``(B, C_in, H, W) -> (B, C_out, H, W)`` for H, W multiples of ``stride``; it
+            is put in eval mode.
+        fmt: ``onnx``, ``torchscript`` or ``exported``.
+        out: the file to write.
+        stride: the network's total stride.
+        in_channels: ``C_in``.
+        check_size: (H, W) of the largest check input (rounded up to the stride).
+        force: replace ``out`` and ``<out>.json`` if they exist.
+        opset: ONNX opset (``onnx`` only).
+        source: the checkpoint the model came from, recorded in the JSON.
+
+    Returns:
+        The :class:`ExportResult`.
+
+    Raises:
+        ConfigError: unknown format.
+        ExportError: ``out`` exists without ``force``, a dependency is missing, the model cannot be
+            exported, or the export deviates from PyTorch by :data:`TOLERANCE` or more.
+    """
+    check_format(fmt)
+    out = Path(out)
+    refuse_existing(out, force)
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, in_channels, 3 * stride, 4 * stride, generator=generator)
+    data = _serialise(fmt, model, example, stride, opset)
+    shapes = check_shapes(stride, in_channels, check_size)
+    try:
+        found = deviations(model, RUNNERS[fmt](data), shapes)
+    except ExportError:
+        raise
+    except Exception as err:  # runtimes raise many types; all mean the exported file does not run
+        raise ExportError(
+            f"the {fmt} export of {type(model).__name__} does not run: {_reason(err)}"
+        ) from None
+    worst = math.nan if any(math.isnan(value) for value in found) else max(found)
+    if not worst < TOLERANCE:
+        raise ExportError(
+            f"the {fmt} export of {type(model).__name__} deviates from PyTorch by {worst:.3g} "
+            f"(tolerance {TOLERANCE:g}); nothing written"
+        )
+    with torch.no_grad():
+        out_channels = model(example[:1]).shape[1]
+    symbols = ["batch", f"{stride}*h", f"{stride}*w"]
+    result = ExportResult(
+        format=fmt,
+        path=out,
+        size_bytes=len(data),
+        max_deviation=worst,
+        checks=[
+            {"input_shape": list(shape), "max_abs_deviation": value}
+            for shape, value in zip(shapes, found, strict=True)
+        ],
+        total_stride=stride,
+        input_shape=[symbols[0], in_channels, *symbols[1:]],
+        output_shape=[symbols[0], out_channels, *symbols[1:]],
+        details={**_format_details(fmt, opset), **({"checkpoint": str(source)} if source else {})},
+    )
+    atomic_write_bytes(out, data)
+    atomic_write_json(result.json_path, result.to_dict())
+    return result
+
+
+def export_checkpoint(
+    path_or_run_dir: str | Path,
+    fmt: str,
+    *,
+    checkpoint: str = "best",
+    out: Path | None = None,
+    force: bool = False,
+    opset: int = OPSET,
+) -> ExportResult:
+    """Export the model saved in a run folder, pruned child folder or checkpoint file.
+
+    Args:
+        path_or_run_dir: a ``.pt`` checkpoint or a folder holding ``<checkpoint>.pt``.
+        fmt: ``onnx``, ``torchscript`` or ``exported``.
+        checkpoint: checkpoint name inside a folder (``best``, ``last``, ``epoch5``...).
+        out: the file to write; default :func:`default_export_path`. An existing folder receives the
+            default file name.
+        force: replace an existing file.
+        opset: ONNX opset (``onnx`` only).
+
+    Returns:
+        The :class:`ExportResult`; inputs are ``(B, model.in_channels, H, W)`` with H, W multiples of
+        the network's total stride, checked at the run's training patch size among others.
+
+    Raises:
+        CheckpointError: no checkpoint there, or not one of ours.
+        ConfigError, ExportError: as for :func:`export_model`.
+    """
+    from acdc_prune.engine.checkpoints import load_model, resolve_checkpoint
+    from acdc_prune.models import total_stride
+
+    source = resolve_checkpoint(path_or_run_dir, checkpoint)
+    target = default_export_path(source, fmt)
+    if out is not None:
+        target = Path(out) / target.name if Path(out).is_dir() else Path(out)
+    model, config, _ = load_model(source)
+    return export_model(
+        model,
+        fmt,
+        target,
+        stride=total_stride(config.model),
+        in_channels=config.model.in_channels,
+        check_size=config.data.patch_size,
+        force=force,
+        opset=opset,
+        source=source,
+    )
+
+
+def print_export(result: ExportResult, console: Console) -> None:
+    """Print a table of an export to ``console``: file, size, input shape, deviation per check input."""
+    table = Table(title=f"Export ({result.format})", show_header=False)
+    table.add_column("", justify="left")
+    table.add_column("", justify="left", overflow="fold")
+    table.add_row("File", str(result.path))
+    table.add_row("Size", f"{result.size_bytes / 2**20:.2f} MiB")
+    opset = f", opset {result.details['opset']}" if "opset" in result.details else ""
+    table.add_row("Exporter", f"{result.details['exporter']}{opset}, torch {result.details['torch']}")
+    table.add_row("Input shape", " x ".join(str(s) for s in result.input_shape))
+    for check in result.checks:
+        shape = "x".join(str(s) for s in check["input_shape"])
+        table.add_row(f"Max |deviation| at {shape}", f"{check['max_abs_deviation']:.2e}")
+    table.add_row("Max |deviation|", f"{result.max_deviation:.2e} (tolerance {TOLERANCE:g})")
+    table.add_row("Summary", str(result.json_path))
+    console.print(table)
