@@ -380,7 +380,12 @@ def demo(
 def export(
     model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="onnx, torchscript or exported (torch.export, .pt2).")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="onnx, torchscript, exported (torch.export, .pt2) or weights (no training state).",
+        ),
     ] = "onnx",
     checkpoint: Annotated[str, typer.Option(help="Checkpoint of the run: best, last, epoch5...")] = "best",
     out: Annotated[

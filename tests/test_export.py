@@ -18,7 +18,7 @@ from acdc_prune.engine.checkpoints import load_model, save_checkpoint
 from acdc_prune.engine.export import export_checkpoint, export_model
 from acdc_prune.errors import ExportError
 from acdc_prune.models import build_model
-from acdc_prune.pruning import apply_plan, plan_pruning, randomise_norm_statistics
+from acdc_prune.pruning import PruningPlan, apply_plan, plan_pruning, randomise_norm_statistics
 
 runner = CliRunner()
 # Two batch sizes x two spatial sizes, H and W multiples of the tiny U-Net's stride (4), none of them
@@ -211,3 +211,27 @@ def test_missing_onnxruntime_names_the_extra(runs, tmp_path, monkeypatch):
     result = runner.invoke(app, ["export", str(runs["baseline"]), "--out", str(tmp_path / "m.onnx")])
     _one_line_error(result, "onnxruntime", "pip install 'acdc-prune[export]'")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["baseline", "pruned"])
+def test_weights_export_drops_training_state_and_rebuilds_the_same_network(runs, tmp_path, which):
+    source = runs[which] / "best.pt"
+    stored = torch.load(source, weights_only=True)
+    stored["optimizer"] = {"state": {0: {"exp_avg": torch.ones(1000)}}, "param_groups": []}
+    training = tmp_path / "src" / "training.pt"
+    training.parent.mkdir()
+    torch.save(stored, training)
+    out = tmp_path / "model.pt"
+    result = runner.invoke(app, ["export", str(training), "--format", "weights", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = torch.load(out, weights_only=True)
+    assert "optimizer" not in written
+    assert out.stat().st_size < training.stat().st_size
+    x = _inputs()[0]
+    torch.testing.assert_close(_eager(out, x), _eager(runs[which], x), rtol=0, atol=0)
+    plan_file = tmp_path / "plan.json"
+    if which == "pruned":
+        assert PruningPlan.load(plan_file).to_json() == PruningPlan.from_json(stored["plan"]).to_json()
+    else:
+        assert not plan_file.exists()
+    assert json.loads((tmp_path / "model.pt.json").read_text())["max_abs_deviation"] == 0.0

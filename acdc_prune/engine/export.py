@@ -20,8 +20,14 @@ from torch import nn
 from acdc_prune.errors import ConfigError, ExportError
 from acdc_prune.io import atomic_write_bytes, atomic_write_json
 
-SUFFIXES: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}
-"""File suffix of each export format; the keys are the formats :func:`export_model` writes."""
+SUFFIXES: dict[str, str] = {
+    "onnx": ".onnx",
+    "torchscript": ".torchscript.pt",
+    "exported": ".pt2",
+    "weights": ".pt",
+}
+"""File suffix of each export format: :func:`export_model` writes the first three, :func:`export_weights`
+the last (a checkpoint without training state, as the MONAI bundle ships)."""
 OPSET = 18
 """Default ONNX opset: the one torch's ONNX functions are written in (no version conversion), run by
 onnxruntime 1.14 and later."""
@@ -473,6 +479,8 @@ def export_checkpoint(
     target = default_export_path(source, fmt)
     if out is not None:
         target = Path(out) / target.name if Path(out).is_dir() else Path(out)
+    if check_format(fmt) == "weights":
+        return export_weights(source, target, force=force)
     model, config, _ = load_model(source)
     return export_model(
         model,
@@ -485,6 +493,78 @@ def export_checkpoint(
         opset=opset,
         source=source,
     )
+
+
+def export_weights(source: Path, out: Path, *, force: bool = False) -> ExportResult:
+    """Write a checkpoint's network alone: weights, config and pruning plan, without training state.
+
+    The result is an acdc-prune checkpoint (``load_model``, ``acdc-prune evaluate`` and MONAI's
+    ``CheckpointLoader`` with ``load_dict={"model": net}`` read it) about a third the size of a
+    training checkpoint, which also holds the optimiser's moments. A pruned network's plan is also
+    written as ``plan.json`` beside it, for reading. The network rebuilt from the exact bytes to be
+    written must reproduce the source's logits exactly.
+
+    Args:
+        source: an acdc-prune checkpoint file.
+        out: the ``.pt`` file to write.
+        force: replace ``out``, its ``.json`` and ``plan.json`` if they exist.
+
+    Returns:
+        The :class:`ExportResult` (deviation 0 when the weights round-trip).
+
+    Raises:
+        CheckpointError: ``source`` is not an acdc-prune checkpoint.
+        ExportError: an output exists without ``force``, or the rebuilt network differs.
+    """
+    from acdc_prune.engine.checkpoints import checkpoint_config, read_checkpoint, rebuild_model
+    from acdc_prune.models import total_stride
+
+    out = Path(out)
+    refuse_existing(out, force)
+    plan_file = out.with_name("plan.json")
+    stored = read_checkpoint(source)
+    if "plan" in stored:
+        refuse_existing(plan_file, force)
+    kept = ("format", "version", "model", "config", "epoch", "best_dice", "best_epoch", "plan")
+    weights = {key: stored[key] for key in kept if key in stored}
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    data = buffer.getvalue()
+    config = checkpoint_config(stored, source)
+    model = rebuild_model(stored, config, source)
+    reloaded = rebuild_model(torch.load(io.BytesIO(data), weights_only=True), config, out)
+    stride = total_stride(config.model)
+    shapes = check_shapes(stride, config.model.in_channels, config.data.patch_size)
+    found = deviations(model, reloaded.eval(), shapes)
+    if max(found) != 0.0:
+        raise ExportError(f"the network rebuilt from {out.name} differs from {source} by {max(found):.3g}")
+    with torch.no_grad():
+        out_channels = model(torch.zeros(1, config.model.in_channels, stride, stride)).shape[1]
+    symbols = ["batch", f"{stride}*h", f"{stride}*w"]
+    result = ExportResult(
+        format="weights",
+        path=out,
+        size_bytes=len(data),
+        max_deviation=max(found),
+        checks=[
+            {"input_shape": list(shape), "max_abs_deviation": value}
+            for shape, value in zip(shapes, found, strict=True)
+        ],
+        total_stride=stride,
+        input_shape=[symbols[0], config.model.in_channels, *symbols[1:]],
+        output_shape=[symbols[0], out_channels, *symbols[1:]],
+        details={
+            "exporter": "acdc-prune weights-only checkpoint",
+            "torch": torch.__version__,
+            "checkpoint": str(source),
+            "epoch": stored["epoch"],
+        },
+    )
+    atomic_write_bytes(out, data)
+    if "plan" in stored:
+        atomic_write_bytes(plan_file, stored["plan"].encode())
+    atomic_write_json(result.json_path, result.to_dict())
+    return result
 
 
 def print_export(result: ExportResult, console: Console) -> None:
