@@ -162,6 +162,9 @@ class EvaluationConfig:
     latency_repeats: int = spec(20, ge=1, doc="timed forward passes (median reported)")
     latency_warmup: int = spec(5, ge=0, doc="untimed forward passes before timing")
     latency_size: list[int] = spec(factory=lambda: [224, 224], gt=0, length=2, doc="slice size for latency")
+    largest_component: bool = spec(
+        False, doc="keep only the largest 3D connected component of each structure in predictions"
+    )
 
 
 @dataclass

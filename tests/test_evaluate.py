@@ -126,3 +126,21 @@ def test_oracle_probabilities_score_near_perfect_in_original_geometry(phantom, m
 def test_model_with_wrong_classes_is_refused(phantom):
     with pytest.raises(AcdcPruneError, match="predicts 3 classes but evaluation needs 4"):
         evaluate_model(_tiny_net(out_channels=3), phantom, EVAL_CFG, None, "cpu", progress=False)
+
+
+def test_keep_largest_components_removes_islands_per_structure():
+    from acdc_prune.engine.inference import keep_largest_components
+
+    labels = np.zeros((12, 12, 4), dtype=np.uint8)
+    labels[2:6, 2:6, :] = 3  # the LV, through all slices
+    labels[10, 10, 1] = 3  # a stray LV island
+    labels[6:8, 2:6, 1:3] = 2  # myocardium touching the LV: a component of its own label
+    labels[0, 11, 3] = 2  # a stray myocardium voxel
+    labels[9:11, 0:2, 0] = 1  # an RV with no rival stays
+    kept = keep_largest_components(labels)
+    expected = labels.copy()
+    expected[10, 10, 1] = 0
+    expected[0, 11, 3] = 0
+    np.testing.assert_array_equal(kept, expected)
+    assert kept.dtype == labels.dtype
+    np.testing.assert_array_equal(keep_largest_components(np.zeros((3, 3, 3), np.uint8)), 0)

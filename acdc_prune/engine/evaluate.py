@@ -28,7 +28,7 @@ from acdc_prune.data import load_label
 from acdc_prune.data.nifti import NIFTI_SUFFIXES, open_nifti, read_volume, true_affine, write_nifti
 from acdc_prune.engine.clinical import INDICES, clinical_agreement, clinical_indices
 from acdc_prune.engine.cost import model_cost
-from acdc_prune.engine.inference import original_labels, predict_volume
+from acdc_prune.engine.inference import keep_largest_components, original_labels, predict_volume
 from acdc_prune.engine.metrics import STRUCTURES, mean_foreground_dice, volume_metrics
 from acdc_prune.errors import AcdcPruneError, DataError
 from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text
@@ -281,6 +281,8 @@ def evaluate_model(
         gt, spacing = load_label(record)
         _check_classes(probs.shape[0], gt, record.label)
         pred = original_labels(probs, item)
+        if eval_cfg.largest_component:
+            pred = keep_largest_components(pred)
         metrics = volume_metrics(pred, gt, spacing, eval_cfg.hd_percentile)
         row = _volume_row(record, metrics)
         rows.append(row)

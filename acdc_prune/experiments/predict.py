@@ -22,7 +22,8 @@ def predict_records(
     Args:
         model: 2D network ``(B, C_in, H, W) -> (B, 4, H, W)`` logits; it is moved to the config's device.
         config: gives the preprocessing (``data``), the padding divisor (``model``), the device
-            (``training.device``) and the inference batch size (``evaluation.batch_size``).
+            (``training.device``), the inference batch size and the optional largest-component
+            post-processing (``evaluation``).
         records: volumes (:class:`acdc_prune.data.VolumeRecord`); labels are not needed.
         out_dir: existing folder that receives one uint8 label volume per record, on the image's
             own grid and with its affine (0 background, 1 RV, 2 MYO, 3 LV).
@@ -34,7 +35,7 @@ def predict_records(
     from acdc_prune.data import VolumeDataset
     from acdc_prune.data.nifti import open_nifti, true_affine, write_nifti
     from acdc_prune.engine.evaluate import case_name
-    from acdc_prune.engine.inference import original_labels, predict_volume
+    from acdc_prune.engine.inference import keep_largest_components, original_labels, predict_volume
     from acdc_prune.engine.trainer import resolve_device
     from acdc_prune.models import total_stride
 
@@ -49,7 +50,10 @@ def predict_records(
         probs = predict_volume(model, item["image"], config.evaluation.batch_size, device)
         image = item["record"].image
         path = out_dir / f"{case_name(image)}.nii.gz"
-        write_nifti(path, original_labels(probs, item), true_affine(open_nifti(image)))
+        labels = original_labels(probs, item)
+        if config.evaluation.largest_component:
+            labels = keep_largest_components(labels)
+        write_nifti(path, labels, true_affine(open_nifti(image)))
         written.append(path)
     return written
 
