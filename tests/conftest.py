@@ -28,3 +28,26 @@ def tiny_phantom(
 ) -> Path:
     """A 5-patient ACDC-layout phantom (one patient per group), shared read-only by the session's tests."""
     return make_phantom(tmp_path_factory.mktemp("phantom") / "training", 5, 0)
+
+
+@pytest.fixture
+def ctrl_c_in_epoch(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], Callable[[], None]]:
+    """``restore = ctrl_c_in_epoch(n)``: the trainer's n-th epoch raises KeyboardInterrupt (as Ctrl-C
+    does) until ``restore()`` puts the real epoch loop back."""
+    from acdc_prune.engine import trainer
+
+    real_run_epoch = trainer.run_epoch
+
+    def arm(epoch: int) -> Callable[[], None]:
+        calls = []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == epoch:
+                raise KeyboardInterrupt
+            return real_run_epoch(*args, **kwargs)
+
+        monkeypatch.setattr(trainer, "run_epoch", interrupted)
+        return lambda: monkeypatch.setattr(trainer, "run_epoch", real_run_epoch)
+
+    return arm

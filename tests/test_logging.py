@@ -38,7 +38,7 @@ def test_missing_mlflow_is_a_warning_not_a_failure(tmp_path, tiny_phantom, monke
 
 
 def test_mlflow_local_store_holds_params_metrics_and_artifacts_and_resume_continues_the_run(
-    tmp_path, tiny_phantom, monkeypatch
+    tmp_path, tiny_phantom, monkeypatch, ctrl_c_in_epoch
 ):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install acdc-prune[mlflow])")
     from mlflow.tracking import MlflowClient
@@ -49,19 +49,10 @@ def test_mlflow_local_store_holds_params_metrics_and_artifacts_and_resume_contin
     config = tiny_config(tmp_path, tiny_phantom, epochs=2)
     config.logging.mlflow = True
 
-    real_run_epoch = trainer.run_epoch
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_run_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "run_epoch", interrupted)
+    restore = ctrl_c_in_epoch(2)
     with pytest.raises(KeyboardInterrupt):
         train(config)
-    monkeypatch.setattr(trainer, "run_epoch", real_run_epoch)
+    restore()
     (run_dir,) = (tmp_path / "runs" / "t").iterdir()
 
     store = tmp_path / "runs" / "mlruns"

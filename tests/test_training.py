@@ -13,7 +13,6 @@ from rich.console import Console
 from torch import nn
 
 from acdc_prune.config import config_from_dict, load_config
-from acdc_prune.engine import trainer
 from acdc_prune.engine.checkpoints import load_model, read_checkpoint
 from acdc_prune.engine.trainer import lr_factor, train
 from acdc_prune.errors import AcdcPruneError, ConfigError
@@ -137,23 +136,14 @@ def test_progress_bars_and_epoch_lines_go_to_the_console(tmp_path, tiny_phantom)
     assert "epochs" in text and "3/3" in text and "slices/s" in text  # the live bars
 
 
-def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, tiny_phantom, monkeypatch):
+def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, tiny_phantom, ctrl_c_in_epoch):
     config = tiny_config(tmp_path, tiny_phantom, optimizer="sgd", momentum=0.9)
     full = train(config)
 
-    real_run_epoch = trainer.run_epoch
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_run_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "run_epoch", interrupted)
+    restore = ctrl_c_in_epoch(2)
     with pytest.raises(KeyboardInterrupt):
         train(config)
-    monkeypatch.setattr(trainer, "run_epoch", real_run_epoch)
+    restore()
     partial_dir = sorted((tmp_path / "runs" / "t").iterdir())[-1]
     assert read_checkpoint(partial_dir / "last.pt")["epoch"] == 1
 
