@@ -207,3 +207,18 @@ def test_bundle_command_line_errors_are_one_line(tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == f"error: checkpoint or run folder {missing} does not exist"
     assert "Traceback" not in done.stderr
+
+
+def test_acdc_prune_evaluate_accepts_a_shipped_model(tiny_phantom, tmp_path):
+    from typer.testing import CliRunner
+
+    from acdc_prune.cli import app
+
+    out = tmp_path / "eval"
+    overrides = ["evaluation.latency_repeats=2", "evaluation.latency_warmup=0", "evaluation.overlays=0"]
+    args = ["evaluate", str(SHIPPED["pruned"]), "--data", str(tiny_phantom), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *(f"--set={o}" for o in overrides)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_volumes"] == 10
+    assert summary["cost"]["params"] == count_parameters(load_model(SHIPPED["pruned"])[0])
