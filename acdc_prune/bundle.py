@@ -151,7 +151,7 @@ def train(
     data = _required_folder(dataset_dir, "dataset_dir", "--dataset_dir")
     config = load_config(recipe_file, [*overrides, f"data.root={data}", f"logging.runs_dir={output_dir}"])
     result = train_model(config)
-    print(f"run folder {result.run_dir} (best mean Dice {result.best_dice})")
+    print(f"run folder {result.run_dir} (best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch})")
     return result.run_dir
 
 
