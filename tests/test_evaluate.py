@@ -144,3 +144,15 @@ def test_keep_largest_components_removes_islands_per_structure():
     np.testing.assert_array_equal(kept, expected)
     assert kept.dtype == labels.dtype
     np.testing.assert_array_equal(keep_largest_components(np.zeros((3, 3, 3), np.uint8)), 0)
+
+
+def test_out_of_memory_during_inference_names_the_batch_size_to_lower():
+    from acdc_prune.engine.inference import predict_volume
+    from acdc_prune.errors import ResourceError
+
+    class OutOfMemory(torch.nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(ResourceError, match=r"evaluation.batch_size 16 .*--set evaluation.batch_size=8$"):
+        predict_volume(OutOfMemory(), torch.zeros(1, 32, 32, 3), batch_size=16)

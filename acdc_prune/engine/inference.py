@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from acdc_prune.errors import ResourceError
+
 
 def predict_volume(
     model: nn.Module, image: torch.Tensor, batch_size: int, device: torch.device | str = "cpu"
@@ -25,6 +27,9 @@ def predict_volume(
 
     Returns:
         ``(C, H, W, D)`` float32 probabilities on the CPU (a plain tensor, no metadata).
+
+    Raises:
+        ResourceError: out of memory; the message names ``evaluation.batch_size`` and a smaller value.
     """
     device = torch.device(device)
     volume = image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -37,6 +42,12 @@ def predict_volume(
             for start in range(0, slices.shape[0], batch_size):
                 batch = slices[start : start + batch_size].to(device, dtype=torch.float32)
                 outputs.append(model(batch).float().softmax(dim=1).cpu())
+    except torch.OutOfMemoryError:
+        raise ResourceError(
+            f"out of memory on {device} during inference with evaluation.batch_size {batch_size} slices "
+            f"of {tuple(slices.shape[2:])}; lower it, e.g. "
+            f"--set evaluation.batch_size={max(1, batch_size // 2)}"
+        ) from None
     finally:
         model.train(was_training)
     return torch.cat(outputs).permute(1, 2, 3, 0).contiguous()
