@@ -361,6 +361,37 @@ def _format_details(fmt: str, opset: int) -> dict[str, Any]:
     return details
 
 
+def _export_result(
+    fmt: str,
+    model: nn.Module,
+    out: Path,
+    data: bytes,
+    shapes: Sequence[tuple[int, ...]],
+    found: Sequence[float],
+    stride: int,
+    in_channels: int,
+    details: dict[str, Any],
+) -> ExportResult:
+    """The :class:`ExportResult` of ``data`` (the bytes to write to ``out``) checked on ``shapes``."""
+    with torch.no_grad():
+        out_channels = model(torch.zeros(1, in_channels, stride, stride)).shape[1]
+    symbols = ["batch", f"{stride}*h", f"{stride}*w"]
+    return ExportResult(
+        format=fmt,
+        path=out,
+        size_bytes=len(data),
+        max_deviation=max(found),
+        checks=[
+            {"input_shape": list(shape), "max_abs_deviation": value}
+            for shape, value in zip(shapes, found, strict=True)
+        ],
+        total_stride=stride,
+        input_shape=[symbols[0], in_channels, *symbols[1:]],
+        output_shape=[symbols[0], out_channels, *symbols[1:]],
+        details=details,
+    )
+
+
 def export_model(
     model: nn.Module,
     fmt: str,
@@ -422,23 +453,8 @@ def export_model(
             f"the {fmt} export of {type(model).__name__} deviates from PyTorch by {worst:.3g} "
             f"(tolerance {TOLERANCE:g}); nothing written"
         )
-    with torch.no_grad():
-        out_channels = model(example[:1]).shape[1]
-    symbols = ["batch", f"{stride}*h", f"{stride}*w"]
-    result = ExportResult(
-        format=fmt,
-        path=out,
-        size_bytes=len(data),
-        max_deviation=worst,
-        checks=[
-            {"input_shape": list(shape), "max_abs_deviation": value}
-            for shape, value in zip(shapes, found, strict=True)
-        ],
-        total_stride=stride,
-        input_shape=[symbols[0], in_channels, *symbols[1:]],
-        output_shape=[symbols[0], out_channels, *symbols[1:]],
-        details={**_format_details(fmt, opset), **({"checkpoint": str(source)} if source else {})},
-    )
+    details = {**_format_details(fmt, opset), **({"checkpoint": str(source)} if source else {})}
+    result = _export_result(fmt, model, out, data, shapes, found, stride, in_channels, details)
     atomic_write_bytes(out, data)
     atomic_write_json(result.json_path, result.to_dict())
     return result
@@ -538,27 +554,14 @@ def export_weights(source: Path, out: Path, *, force: bool = False) -> ExportRes
     found = deviations(model, reloaded.eval(), shapes)
     if max(found) != 0.0:
         raise ExportError(f"the network rebuilt from {out.name} differs from {source} by {max(found):.3g}")
-    with torch.no_grad():
-        out_channels = model(torch.zeros(1, config.model.in_channels, stride, stride)).shape[1]
-    symbols = ["batch", f"{stride}*h", f"{stride}*w"]
-    result = ExportResult(
-        format="weights",
-        path=out,
-        size_bytes=len(data),
-        max_deviation=max(found),
-        checks=[
-            {"input_shape": list(shape), "max_abs_deviation": value}
-            for shape, value in zip(shapes, found, strict=True)
-        ],
-        total_stride=stride,
-        input_shape=[symbols[0], config.model.in_channels, *symbols[1:]],
-        output_shape=[symbols[0], out_channels, *symbols[1:]],
-        details={
-            "exporter": "acdc-prune weights-only checkpoint",
-            "torch": torch.__version__,
-            "checkpoint": str(source),
-            "epoch": stored["epoch"],
-        },
+    details = {
+        "exporter": "acdc-prune weights-only checkpoint",
+        "torch": torch.__version__,
+        "checkpoint": str(source),
+        "epoch": stored["epoch"],
+    }
+    result = _export_result(
+        "weights", model, out, data, shapes, found, stride, config.model.in_channels, details
     )
     atomic_write_bytes(out, data)
     if "plan" in stored:
