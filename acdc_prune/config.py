@@ -20,6 +20,11 @@ import yaml
 
 from acdc_prune.errors import ConfigError
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""Values of ``training.precision`` and ``evaluation.precision`` (resolved in ``engine.precision``)."""
+CHANNELS_LAST = ("auto", True, False)
+"""Values of ``training.channels_last`` and ``evaluation.channels_last``."""
+
 
 class _YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader that also reads ``1e-4`` and ``1.5e3`` as numbers, as YAML 1.2 does (YAML 1.1,
@@ -127,8 +132,12 @@ class TrainingConfig:
     grad_clip: float | None = spec(12.0, gt=0.0, doc="gradient norm clip; null = off")
     dice_weight: float = spec(1.0, ge=0.0, doc="weight of the Dice term of DiceCE")
     ce_weight: float = spec(1.0, ge=0.0, doc="weight of the cross-entropy term of DiceCE")
-    amp: bool = spec(True, doc="mixed precision (CUDA only)")
-    channels_last: bool = spec(True, doc="channels-last memory format (CUDA only)")
+    precision: str = spec(
+        "auto", choices=PRECISIONS, doc="forward precision: auto (bf16 where native), fp32, bf16, fp16 (CUDA)"
+    )
+    channels_last: bool | str = spec(
+        "auto", choices=CHANNELS_LAST, doc="channels-last memory format: auto (on with bf16/fp16 or CUDA)"
+    )
     device: str = spec("auto", doc="auto, cpu, cuda or cuda:N")
     seed: int = spec(0, ge=0, doc="seed of weights, sampling and augmentation")
     val_every: int = spec(1, ge=1, doc="validate every N epochs")
@@ -162,6 +171,8 @@ class EvaluationConfig:
     latency_repeats: int = spec(20, ge=1, doc="timed forward passes (median reported)")
     latency_warmup: int = spec(5, ge=0, doc="untimed forward passes before timing")
     latency_size: list[int] = spec(factory=lambda: [224, 224], gt=0, length=2, doc="slice size for latency")
+    precision: str = spec("auto", choices=PRECISIONS, doc="inference precision (see training.precision)")
+    channels_last: bool | str = spec("auto", choices=CHANNELS_LAST, doc="inference memory format")
     largest_component: bool = spec(
         False, doc="keep only the largest 3D connected component of each structure in predictions"
     )
@@ -213,7 +224,8 @@ def _suggest(key: str, valid: list[str], prefix: str) -> str:
 
 def _check_limits(path: str, value: Any, meta: dict[str, Any]) -> None:
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{path}: '{value}' is not one of {', '.join(map(str, meta['choices']))}")
+        words = (str(c).lower() if isinstance(c, bool) else str(c) for c in meta["choices"])
+        raise ConfigError(f"{path}: '{value}' is not one of {', '.join(words)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and math.isnan(value):
             raise ConfigError(f"{path}: NaN is not a valid value")
@@ -237,7 +249,9 @@ def _coerce(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
                 return None
             raise ConfigError(f"{path}: null is not allowed")
         inner = [t for t in options if t is not type(None)]
-        return _coerce(path, value, inner[0], meta)
+        # bool | str (true, false or "auto"): a value of one of the union's own types keeps that type
+        own = [t for t in inner if type(value) is t]
+        return _coerce(path, value, (own or inner)[0], meta)
     if tp is Any:
         return value
     if origin is list:
@@ -305,10 +319,25 @@ def config_from_dict(raw: dict[str, Any] | None) -> Config:
     """
     from acdc_prune.io import check_name
 
-    config = from_mapping(Config, raw, "")
+    config = from_mapping(Config, _upgrade(raw), "")
     config.pruning.ratios = validate_ratios(config.pruning.ratios)
     check_name(config.logging.experiment, "logging.experiment")  # a folder under runs_dir, never outside
     return config
+
+
+def _upgrade(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Read configs saved by acdc-prune 0.1 (inside checkpoints such as the bundle's models).
+
+    0.1's ``training.amp`` (float16 on CUDA only) became ``training.precision``: ``amp: false``
+    means fp32; ``amp: true`` is what ``auto`` now does on a GPU, so it is simply dropped.
+    """
+    training = raw.get("training") if isinstance(raw, dict) else None
+    if not isinstance(training, dict) or "amp" not in training:
+        return raw
+    training = dict(training)
+    if training.pop("amp") is False:
+        training.setdefault("precision", "fp32")
+    return {**raw, "training": training}
 
 
 def validate_ratios(raw: Any, where: str = "pruning.ratios") -> dict[str, float]:

@@ -1,10 +1,12 @@
-"""Training throughput: the project's step path (TrainStep + run_epoch) against a bare PyTorch loop.
+"""Training throughput: the project's step path (TrainStep + run_epoch) against a bare PyTorch loop,
+and the configured precision (``training.precision``, default ``auto``) against float32.
 
-Both sides train copies of the same network (same initial weights) on the same synthetic batch with
-the same loss, optimiser, batch and patch size, and on CUDA the same autocast and memory format; they
-alternate in rounds so load changes on the machine hit both. The project's side also runs the
-per-iteration schedule, gradient clipping, loss accumulation on the device and the rich progress
-callback exactly as ``train`` does. Prints a table and writes JSON.
+Every side trains a copy of the same network (same initial weights) on the same synthetic batch with
+the same loss, optimiser, batch and patch size; the bare loop uses the same autocast and memory
+format as the project's step. The sides alternate in rounds so load changes on the machine hit all
+of them, and ratios are medians of per-round ratios. The project's side also runs the per-iteration
+schedule, gradient clipping, loss accumulation on the device and the rich progress callback exactly
+as ``train`` does. Prints a table and writes JSON.
 
     python benchmarks/bench_training.py --config configs/demo.yaml --out benchmarks/results/training.json
 """
@@ -26,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from acdc_prune.config import load_config
+from acdc_prune.engine.precision import FP32, Precision, resolve_precision
 from acdc_prune.engine.trainer import build_train_step, make_loss, make_progress, resolve_device, run_epoch
 from acdc_prune.models import build_model, total_stride
 
@@ -46,18 +49,18 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.machine()} ({os.cpu_count()} cores)"
 
 
-def bare_loop(model, loss_fn, image, label, steps, device, amp, channels_last, lr) -> float:
+def bare_loop(model, loss_fn, image, label, steps, device, precision: Precision, lr) -> float:
     """Seconds for ``steps`` plain AdamW steps: zero_grad, forward, loss, backward, step."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scales_gradients)
+    dtype = precision.dtype or torch.float32
     model.train()
     _sync(device)
     began = time.perf_counter()
     for _ in range(steps):
-        x = image.to(device, non_blocking=True, memory_format=fmt)
+        x = image.to(device, non_blocking=True, memory_format=precision.memory_format)
         y = label.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=precision.dtype is not None):
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -83,6 +86,10 @@ def project_loop(step, image, label, steps, device) -> float:
         run_epoch(step, batches, refresh)
     _sync(device)
     return time.perf_counter() - began
+
+
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 def main() -> None:
@@ -111,27 +118,29 @@ def main() -> None:
     if device.type == "cuda":
         image, label = image.pin_memory(), label.pin_memory()
 
-    amp = cfg.amp and device.type == "cuda"
-    channels_last = cfg.channels_last and device.type == "cuda"
-    bare_model = copy.deepcopy(reference).to(
-        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
+    precision = resolve_precision(cfg.precision, cfg.channels_last, device)
+    bare_model = precision.prepare(copy.deepcopy(reference), device)
     loss_fn = make_loss(cfg)
     total_steps = args.warmup + args.rounds * args.steps
-    step = build_train_step(copy.deepcopy(reference), cfg, device, steps_per_epoch=total_steps)
+    step = build_train_step(copy.deepcopy(reference), cfg, device, total_steps, precision)
+    fp32_step = build_train_step(copy.deepcopy(reference), cfg, device, total_steps, FP32)
 
-    bare_loop(bare_model, loss_fn, image, label, args.warmup, device, amp, channels_last, cfg.lr)
-    project_loop(step, image, label, args.warmup, device)
-    bare_rates, project_rates = [], []
+    bare_loop(bare_model, loss_fn, image, label, args.warmup, device, precision, cfg.lr)
+    for side in (step, fp32_step):
+        project_loop(side, image, label, args.warmup, device)
+    rates: dict[str, list[float]] = {"bare": [], "project": [], "project_fp32": []}
     for _ in range(args.rounds):
-        seconds = bare_loop(bare_model, loss_fn, image, label, args.steps, device, amp, channels_last, cfg.lr)
-        bare_rates.append(args.steps * batch / seconds)
-        project_rates.append(args.steps * batch / project_loop(step, image, label, args.steps, device))
+        seconds = bare_loop(bare_model, loss_fn, image, label, args.steps, device, precision, cfg.lr)
+        rates["bare"].append(args.steps * batch / seconds)
+        rates["project"].append(args.steps * batch / project_loop(step, image, label, args.steps, device))
+        seconds = project_loop(fp32_step, image, label, args.steps, device)
+        rates["project_fp32"].append(args.steps * batch / seconds)
 
-    bare, project = statistics.median(bare_rates), statistics.median(project_rates)
-    # Each round pairs two neighbouring timings, so the median of per-round ratios cancels most of
+    medians = {key: statistics.median(values) for key, values in rates.items()}
+    # Each round pairs neighbouring timings, so the median of per-round ratios cancels most of
     # the drift of a shared machine's load.
-    ratio = statistics.median(p / b for p, b in zip(project_rates, bare_rates, strict=True))
+    ratio = _median_ratio(rates["project"], rates["bare"])
+    speedup = _median_ratio(rates["project"], rates["project_fp32"])
     result = {
         "config": args.config,
         "overrides": args.set,
@@ -145,26 +154,30 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": list(os.getloadavg()),
-        "amp": amp,
-        "channels_last": channels_last,
+        "precision": precision.name,
+        "channels_last": precision.channels_last,
         "grad_clip": cfg.grad_clip,
         "scheduler": cfg.scheduler,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
-        "bare_slices_per_s": bare_rates,
-        "project_slices_per_s": project_rates,
-        "bare_median": bare,
-        "project_median": project,
-        "ratio": ratio,
+        "slices_per_s": rates,
+        "medians": medians,
+        "ratio_project_to_bare": ratio,
+        "speedup_over_fp32": speedup,
     }
+    layout = " + channels-last" if precision.channels_last else ""
     table = Table(title=f"training throughput, {device}, batch {batch}, {height}x{width}")
     table.add_column("path")
     table.add_column("slices/s (median)", justify="right")
     table.add_column("rounds", justify="right")
-    table.add_row("bare PyTorch loop", f"{bare:.1f}", ", ".join(f"{r:.1f}" for r in bare_rates))
-    table.add_row("acdc_prune TrainStep", f"{project:.1f}", ", ".join(f"{r:.1f}" for r in project_rates))
-    ratios = ", ".join(f"{p / b:.3f}" for p, b in zip(project_rates, bare_rates, strict=True))
-    table.add_row("ratio (median of rounds)", f"{ratio:.3f}", ratios)
+    for key, label_text in (
+        ("bare", f"bare PyTorch loop, {precision.name}{layout}"),
+        ("project", f"acdc_prune TrainStep, {precision.name}{layout}"),
+        ("project_fp32", "acdc_prune TrainStep, fp32"),
+    ):
+        table.add_row(label_text, f"{medians[key]:.1f}", ", ".join(f"{r:.1f}" for r in rates[key]))
+    table.add_row("TrainStep / bare (median of rounds)", f"{ratio:.3f}", "")
+    table.add_row(f"{precision.name}{layout} / fp32 (median of rounds)", f"{speedup:.2f}x", "")
     Console().print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,14 @@ def test_ratios_without_default_get_zero_default():
         ({"training": {"epochs": "five"}}, "training.epochs: expected an integer, got 'five'"),
         ({"training": {"epochs": 2.5}}, "training.epochs: expected an integer, got 2.5"),
         ({"training": {"epochs": 0}}, "training.epochs: 0 is out of range (must be >= 1)"),
-        ({"training": {"amp": "yes"}}, "training.amp: expected true or false, got 'yes'"),
+        (
+            {"training": {"channels_last": "yes"}},
+            "training.channels_last: 'yes' is not one of auto, true, false",
+        ),
+        (
+            {"evaluation": {"precision": "int4"}},
+            "evaluation.precision: 'int4' is not one of auto, fp32, bf16, fp16",
+        ),
         (
             {"pruning": {"ratios": {"default": 1.5}}},
             "pruning.ratios.default: 1.5 is out of range (must be < 1.0)",

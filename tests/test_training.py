@@ -14,6 +14,7 @@ from torch import nn
 
 from acdc_prune.config import config_from_dict, load_config
 from acdc_prune.engine.checkpoints import load_model, read_checkpoint
+from acdc_prune.engine.precision import native_bf16
 from acdc_prune.engine.trainer import lr_factor, train
 from acdc_prune.errors import AcdcPruneError, ConfigError
 from acdc_prune.models import build_model, total_stride
@@ -136,8 +137,18 @@ def test_progress_bars_and_epoch_lines_go_to_the_console(tmp_path, tiny_phantom)
     assert "epochs" in text and "3/3" in text and "slices/s" in text  # the live bars
 
 
-def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, tiny_phantom, ctrl_c_in_epoch):
-    config = tiny_config(tmp_path, tiny_phantom, optimizer="sgd", momentum=0.9)
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "fp32",
+        pytest.param(
+            "bf16",
+            marks=pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="CPU without native bf16"),
+        ),
+    ],
+)
+def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, tiny_phantom, ctrl_c_in_epoch, precision):
+    config = tiny_config(tmp_path, tiny_phantom, optimizer="sgd", momentum=0.9, precision=precision)
     full = train(config)
 
     restore = ctrl_c_in_epoch(2)

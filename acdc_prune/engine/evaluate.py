@@ -30,6 +30,7 @@ from acdc_prune.engine.clinical import INDICES, clinical_agreement, clinical_ind
 from acdc_prune.engine.cost import model_cost
 from acdc_prune.engine.inference import keep_largest_components, original_labels, predict_volume
 from acdc_prune.engine.metrics import STRUCTURES, mean_foreground_dice, volume_metrics
+from acdc_prune.engine.precision import resolve_precision
 from acdc_prune.errors import AcdcPruneError, DataError
 from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
@@ -260,7 +261,8 @@ def evaluate_model(
         raise DataError("no volumes to evaluate")
     device = torch.device(device)
     out_dir = Path(out_dir) if out_dir is not None else None
-    model.to(device)
+    precision = resolve_precision(eval_cfg.precision, eval_cfg.channels_last, device, "evaluation")
+    precision.prepare(model, device)
     overlay_at = _overlay_indices(len(volume_dataset), eval_cfg.overlays) if out_dir is not None else set()
     rows = []
     in_channels = 0
@@ -277,7 +279,7 @@ def evaluate_model(
         if record.label is None:
             raise DataError(f"{record.image}: no label file; evaluation needs a labelled data set")
         in_channels = int(item["image"].shape[0])
-        probs = predict_volume(model, item["image"], eval_cfg.batch_size, device)
+        probs = predict_volume(model, item["image"], eval_cfg.batch_size, device, precision)
         gt, spacing = load_label(record)
         _check_classes(probs.shape[0], gt, record.label)
         pred = original_labels(probs, item)

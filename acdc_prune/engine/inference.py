@@ -8,22 +8,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from acdc_prune.engine.precision import FP32, Precision
 from acdc_prune.errors import ResourceError
 
 
 def predict_volume(
-    model: nn.Module, image: torch.Tensor, batch_size: int, device: torch.device | str = "cpu"
+    model: nn.Module,
+    image: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    precision: Precision = FP32,
 ) -> torch.Tensor:
     """Softmax probabilities of every slice of a preprocessed volume.
 
-    The model runs in eval mode under ``torch.no_grad`` (its training flag is restored afterwards),
-    with float16 autocast on CUDA only; probabilities are computed in float32.
+    The model runs in eval mode under ``torch.no_grad`` (its training flag is restored afterwards)
+    and under ``precision``'s autocast; probabilities are computed in float32.
 
     Args:
         model: a 2D network mapping ``(B, C_in, H, W)`` to logits ``(B, C, H, W)``, already on ``device``.
         image: ``(C_in, H, W, D)`` preprocessed volume (a MetaTensor is fine), D slices.
         batch_size: slices per forward pass.
         device: where the model runs.
+        precision: autocast dtype and memory format of the slices fed to the model.
 
     Returns:
         ``(C, H, W, D)`` float32 probabilities on the CPU (a plain tensor, no metadata).
@@ -38,9 +44,10 @@ def predict_volume(
     model.eval()
     outputs = []
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with torch.no_grad(), precision.autocast(device):
             for start in range(0, slices.shape[0], batch_size):
-                batch = slices[start : start + batch_size].to(device, dtype=torch.float32)
+                batch = slices[start : start + batch_size]
+                batch = batch.to(device, dtype=torch.float32, memory_format=precision.memory_format)
                 outputs.append(model(batch).float().softmax(dim=1).cpu())
     except torch.OutOfMemoryError:
         raise ResourceError(

@@ -32,6 +32,7 @@ from acdc_prune.engine.checkpoints import (
 )
 from acdc_prune.engine.inference import predict_volume
 from acdc_prune.engine.metrics import STRUCTURES, mean_foreground_dice, volume_metrics
+from acdc_prune.engine.precision import Precision, resolve_precision
 from acdc_prune.errors import AcdcPruneError, ConfigError, DiskFullError, Interrupted, ResourceError
 from acdc_prune.io import (
     atomic_save_figure,
@@ -154,16 +155,15 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class TrainStep:
-    """One optimisation step: forward (autocast on CUDA), DiceCE, backward, clip, step, schedule.
+    """One optimisation step: forward under autocast, DiceCE in float32, backward, clip, step, schedule.
 
     Args:
-        model: network already on ``device`` (channels-last when ``channels_last``).
+        model: network already on ``device`` in ``precision``'s memory format.
         loss_fn: loss of logits (N, C, H, W) and labels (N, 1, H, W).
         optimizer: optimiser over the model's parameters.
         scheduler: per-iteration learning-rate scheduler.
         device: where the step runs.
-        amp: float16 autocast with gradient scaling (effective on CUDA only).
-        channels_last: feed inputs in channels-last memory format.
+        precision: autocast dtype and memory format (gradients are scaled for float16 only).
         grad_clip: maximum global gradient norm, or ``None``.
     """
 
@@ -175,16 +175,13 @@ class TrainStep:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         device: torch.device,
         *,
-        amp: bool,
-        channels_last: bool,
+        precision: Precision,
         grad_clip: float | None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
-        self.device = device
-        self.amp = amp and device.type == "cuda"
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.device, self.precision = device, precision
         self.grad_clip = grad_clip
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scales_gradients)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -193,9 +190,10 @@ class TrainStep:
         Returns:
             The batch loss, detached, still on the device (no host sync).
         """
-        image = _plain(image).to(self.device, non_blocking=True, memory_format=self.memory_format)
+        memory_format = self.precision.memory_format
+        image = _plain(image).to(self.device, non_blocking=True, memory_format=memory_format)
         label = _plain(label).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with self.precision.autocast(self.device):
             logits = self.model(image)
         loss = self.loss_fn(logits.float(), label)
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,11 +208,10 @@ class TrainStep:
 
 
 def build_train_step(
-    model: nn.Module, cfg: TrainingConfig, device: torch.device, steps_per_epoch: int
+    model: nn.Module, cfg: TrainingConfig, device: torch.device, steps_per_epoch: int, precision: Precision
 ) -> TrainStep:
-    """Move ``model`` to ``device`` (channels-last on CUDA if configured) and build its :class:`TrainStep`."""
-    channels_last = cfg.channels_last and device.type == "cuda"
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    """Move ``model`` to ``device`` in ``precision``'s memory format and build its :class:`TrainStep`."""
+    precision.prepare(model, device)
     optimizer = make_optimizer(model, cfg)
     return TrainStep(
         model,
@@ -222,8 +219,7 @@ def build_train_step(
         optimizer,
         make_scheduler(optimizer, cfg, steps_per_epoch),
         device,
-        amp=cfg.amp,
-        channels_last=channels_last,
+        precision=precision,
         grad_clip=cfg.grad_clip,
     )
 
@@ -331,10 +327,13 @@ class Validator:
         batch_size: slices per inference batch.
         invert: ``invert_to_original(probs (C, H, W, D), item) -> (C, X, Y, Z)``.
         read_label: ``load_label(record) -> (labels (X, Y, Z), spacing)``; read once and kept.
+        precision: precision and memory format of the forward passes.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, invert: Callable, read_label: Callable) -> None:
-        self.dataset, self.batch_size = dataset, batch_size
+    def __init__(
+        self, dataset: Dataset, batch_size: int, invert: Callable, read_label: Callable, precision: Precision
+    ) -> None:
+        self.dataset, self.batch_size, self.precision = dataset, batch_size, precision
         self.invert, self.read_label = invert, read_label
         self.labels: dict[int, tuple[np.ndarray, Any]] = {}
 
@@ -348,7 +347,7 @@ class Validator:
             if index not in self.labels:
                 self.labels[index] = self.read_label(item["record"])
             gt, spacing = self.labels[index]
-            probs = predict_volume(model, item["image"], self.batch_size, device)
+            probs = predict_volume(model, item["image"], self.batch_size, device, self.precision)
             pred = _plain(self.invert(probs, item)).argmax(dim=0).numpy().astype(np.uint8)
             scores = volume_metrics(pred, np.asarray(gt), tuple(spacing), hd_percentile=None)
             for name in per_structure:
@@ -605,6 +604,14 @@ def _train(
         console = Console(quiet=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
+    precision = resolve_precision(cfg.precision, cfg.channels_last, device, "training")
+    eval_precision = resolve_precision(
+        config.evaluation.precision, config.evaluation.channels_last, device, "evaluation"
+    )
+    # The run's config records what was resolved, so a resumed run computes in the same precision.
+    cfg.precision, cfg.channels_last = precision.name, precision.channels_last
+    config.evaluation.precision = eval_precision.name
+    config.evaluation.channels_last = eval_precision.channels_last
     if model is None:
         seed_everything(cfg.seed)
         model = build_model(config.model)
@@ -617,10 +624,12 @@ def _train(
     validator = None
     if ranks.is_main:  # the other ranks receive rank 0's scores
         val_set = VolumeDataset(val_records, config.data, divisor, runs_dir)
-        validator = Validator(val_set, config.evaluation.batch_size, invert_to_original, load_label)
+        validator = Validator(
+            val_set, config.evaluation.batch_size, invert_to_original, load_label, eval_precision
+        )
     steps = cfg.iterations_per_epoch or max(1, len(train_set) // cfg.batch_size)
 
-    step = build_train_step(model, cfg, device, steps)
+    step = build_train_step(model, cfg, device, steps, precision)
     step.model = distributed.wrap_model(model, device)
 
     # The run folder appears only once the data and the settings have passed their checks. A folder
@@ -645,6 +654,7 @@ def _train(
         step.scheduler.load_state_dict(checkpoint["scheduler"])
         step.scaler.load_state_dict(checkpoint["scaler"])
 
+    console.print(f"{precision.describe()}; validation {eval_precision.describe()}")
     log = RunLog(run_dir, config, console, first_epoch=start + 1) if ranks.is_main else None
     progress = make_progress(console, config.logging.progress and ranks.is_main)
     epoch_task = progress.add_task("epochs", total=cfg.epochs, completed=start, info="")

@@ -36,18 +36,21 @@ def predict_records(
     from acdc_prune.data.nifti import open_nifti, true_affine, write_nifti
     from acdc_prune.engine.evaluate import case_name
     from acdc_prune.engine.inference import keep_largest_components, original_labels, predict_volume
+    from acdc_prune.engine.precision import resolve_precision
     from acdc_prune.engine.trainer import resolve_device
     from acdc_prune.models import total_stride
 
     device = resolve_device(config.training.device)
-    model.to(device)
+    evaluation = config.evaluation
+    precision = resolve_precision(evaluation.precision, evaluation.channels_last, device, "evaluation")
+    precision.prepare(model, device)
     dataset = VolumeDataset(records, config.data, total_stride(config.model), config.logging.runs_dir)
     written = []
     for index in track(
         range(len(dataset)), description="Predicting", console=console, disable=not config.logging.progress
     ):
         item = dataset[index]
-        probs = predict_volume(model, item["image"], config.evaluation.batch_size, device)
+        probs = predict_volume(model, item["image"], evaluation.batch_size, device, precision)
         image = item["record"].image
         path = out_dir / f"{case_name(image)}.nii.gz"
         labels = original_labels(probs, item)
