@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields
+
 import pytest
 import torch
 import torch.fx
+from monai.networks.nets import BasicUNetPlusPlus
 
-from acdc_prune.config import ModelConfig
+from acdc_prune.config import ModelConfig, config_from_dict
 from acdc_prune.errors import ConfigError
 from acdc_prune.models import UNet2D, build_model, total_stride
-from acdc_prune.models.registry import network_kwargs
+from acdc_prune.models.registry import NETWORK_NAMES, UNetPlusPlus, network_kwargs
+from acdc_prune.pruning import apply_plan, max_deviation, plan_pruning, randomise_norm_statistics
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -107,6 +112,7 @@ NETWORK_CASES = {
     "unet": [16, 32, 64],
     "monai_unet": [8, 16, 32, 64],
     "basic_unet": [8, 8, 16, 32, 64],
+    "basic_unet_plus_plus": [8, 8, 16, 16, 32],
     "attention_unet": [8, 16, 32],
     "dynunet": [8, 16, 32, 64],
     "segresnet": [8, 16, 32],
@@ -129,6 +135,7 @@ def test_total_strides_follow_the_depth():
     assert total_stride(ModelConfig(name="unet", features=[8, 16, 32, 64, 128])) == 32
     assert total_stride(ModelConfig(name="monai_unet", features=[8, 16, 32, 64])) == 8
     assert total_stride(ModelConfig(name="basic_unet", features=[8, 8, 16, 32, 64])) == 16
+    assert total_stride(ModelConfig(name="basic_unet_plus_plus", features=[8, 8, 16, 32, 64])) == 16
     assert total_stride(ModelConfig(name="dynunet", features=[8, 16, 32, 64, 128])) == 16
     assert total_stride(ModelConfig(name="segresnet", features=[8, 16, 32, 64])) == 8
     assert (
@@ -163,3 +170,74 @@ def test_refused_arguments_become_a_config_error():
         build_model(ModelConfig(name="basic_unet", features=[8, 16]))
     with pytest.raises(ConfigError, match=r"cannot build model 'dynunet' \(DynUNet\): length of kernel_size"):
         build_model(ModelConfig(name="dynunet", features=[8, 16, 32], kwargs={"kernel_size": [3, 3]}))
+
+
+def test_config_lists_exactly_the_registry_networks():
+    choices = next(f for f in fields(ModelConfig) if f.name == "name").metadata["choices"]
+    assert tuple(choices) == NETWORK_NAMES
+
+
+def test_unet_plus_plus_returns_the_last_head_and_averages_heads_when_supervised():
+    cfg = ModelConfig(
+        name="basic_unet_plus_plus", features=[8, 8, 16, 16, 32], kwargs={"deep_supervision": True}
+    )
+    model = build_model(cfg)
+    assert isinstance(model, UNetPlusPlus)
+    x = torch.randn(2, 1, 32, 48)
+    model.eval()
+    with torch.no_grad():
+        heads = BasicUNetPlusPlus.forward(model, x)
+        assert len(heads) == 4
+        assert torch.equal(model(x), heads[-1])
+        model.train()
+        heads = BasicUNetPlusPlus.forward(model, x)
+        assert torch.allclose(model(x), torch.stack(heads).mean(0), atol=1e-6)
+    out = model(x)
+    assert out.shape == (2, 4, 32, 48)
+    out.mean().backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "final_conv" in name)
+
+
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_unet_plus_plus_prunes_exactly_and_keeps_its_heads(deep_supervision):
+    cfg = ModelConfig(
+        name="basic_unet_plus_plus",
+        features=[8, 8, 16, 16, 32],
+        kwargs={"deep_supervision": deep_supervision},
+    )
+    model = randomise_norm_statistics(build_model(cfg)).eval()
+    x = torch.randn(1, 1, 32, 32)
+    plan = plan_pruning(model, x, 0.5)
+    pruned = apply_plan(model, plan)
+    assert max_deviation(model, pruned, plan, x) <= 1e-5
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    for head in ("final_conv_0_1", "final_conv_0_2", "final_conv_0_3", "final_conv_0_4"):
+        assert getattr(pruned, head).out_channels == 4  # every head keeps its classes
+    pruned.train()
+    pruned(x).mean().backward()  # the heads still line up in training mode
+
+
+def test_unet_plus_plus_trains_an_epoch_on_the_phantom(tmp_path, tiny_phantom):
+    from acdc_prune.engine.trainer import train
+
+    config = config_from_dict(
+        {
+            "data": {
+                "root": str(tiny_phantom),
+                "val_fraction": 0.2,
+                "target_spacing": [3.0, 3.0],
+                "patch_size": [64, 64],
+            },
+            "model": {
+                "name": "basic_unet_plus_plus",
+                "features": [8, 8, 16, 16, 32],
+                "kwargs": {"deep_supervision": True},
+            },
+            "training": {"epochs": 1, "batch_size": 4, "iterations_per_epoch": 2, "num_threads": 1},
+            "evaluation": {"batch_size": 8},
+            "logging": {"runs_dir": str(tmp_path / "runs"), "experiment": "upp", "progress": False},
+        }
+    )
+    result = train(config)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
+    assert 0.0 <= result.best_dice <= 1.0

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, SegResNet, UNet
+import torch
+from monai.networks.nets import AttentionUnet, BasicUNet, BasicUNetPlusPlus, DynUNet, SegResNet, UNet
 from torch import nn
 
 from acdc_prune.config import ModelConfig
 from acdc_prune.errors import ConfigError
 from acdc_prune.models.unet import UNet2D
+
+
+class UNetPlusPlus(BasicUNetPlusPlus):
+    """MONAI's ``BasicUNetPlusPlus`` (UNet++) returning one logits tensor, like every other network here.
+
+    MONAI's forward returns a list: the last head's logits, or all four heads' with
+    ``deep_supervision=True``. This subclass (same arguments and module names) returns the last
+    head's logits (N, out_channels, H, W) in eval mode; in training mode with deep supervision, the
+    mean of the four heads' logits, so that one loss trains every head (a simple stand-in for the
+    paper's mean of per-head losses).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, out_channels, H, W) of an input (N, in_channels, H, W), H and W multiples of 16."""
+        outputs = super().forward(x)
+        if self.training and len(outputs) > 1:
+            return torch.stack(outputs).mean(dim=0)
+        return outputs[-1]
 
 
 def _monai_norm(norm: str, widths: list[int]) -> tuple[str, dict]:
@@ -65,8 +86,8 @@ def _monai_unet_defaults(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _basic_unet_defaults(cfg: ModelConfig) -> dict[str, Any]:
-    # BasicUNet always has five levels; its sixth width is that of the last up-sampling (the head's input).
+def _basic_unet_defaults(cfg: ModelConfig, name: str = "basic_unet") -> dict[str, Any]:
+    # BasicUNet (and UNet++) always has five levels; its sixth width is that of the last up-sampling.
     features = tuple(cfg.features) + (cfg.features[0],) if len(cfg.features) == 5 else None
     defaults = {
         **_io_2d(cfg),
@@ -79,7 +100,7 @@ def _basic_unet_defaults(cfg: ModelConfig) -> dict[str, Any]:
         defaults["features"] = features
     elif "features" not in cfg.kwargs:
         raise ConfigError(
-            f"model 'basic_unet' has 5 levels: set model.features to 5 widths (got {len(cfg.features)}) "
+            f"model '{name}' has 5 levels: set model.features to 5 widths (got {len(cfg.features)}) "
             "or model.kwargs.features to 6"
         )
     return defaults
@@ -126,14 +147,44 @@ def _segresnet_defaults(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-NETWORKS: dict[str, tuple[Callable[..., nn.Module], Callable[[ModelConfig], dict[str, Any]]]] = {
-    "unet": (UNet2D, _unet_defaults),
-    "monai_unet": (UNet, _monai_unet_defaults),
-    "basic_unet": (BasicUNet, _basic_unet_defaults),
-    "attention_unet": (AttentionUnet, _attention_unet_defaults),
-    "dynunet": (DynUNet, _dynunet_defaults),
-    "segresnet": (SegResNet, _segresnet_defaults),
+def _strides(kwargs: dict[str, Any]) -> int:
+    """Product over levels of ``kwargs["strides"]``, whose items are ints or per-axis sequences (largest)."""
+    total = 1
+    for stride in kwargs["strides"]:
+        total *= max(stride) if isinstance(stride, (list, tuple)) else int(stride)
+    return total
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network the registry builds by name.
+
+    Attributes:
+        cls: the network class (its constructor's arguments are the valid ``model.kwargs``).
+        defaults: the 2D constructor arguments derived from a ``ModelConfig``.
+        stride: the total stride (input sides must be multiples of it) from the final arguments.
+    """
+
+    cls: Callable[..., nn.Module]
+    defaults: Callable[[ModelConfig], dict[str, Any]]
+    stride: Callable[[dict[str, Any]], int]
+
+
+NETWORKS: dict[str, Network] = {
+    "unet": Network(UNet2D, _unet_defaults, lambda kwargs: 2 ** len(kwargs["features"])),
+    "monai_unet": Network(UNet, _monai_unet_defaults, _strides),
+    "basic_unet": Network(BasicUNet, _basic_unet_defaults, lambda _kwargs: 16),
+    "basic_unet_plus_plus": Network(
+        UNetPlusPlus, functools.partial(_basic_unet_defaults, name="basic_unet_plus_plus"), lambda _kwargs: 16
+    ),
+    "attention_unet": Network(AttentionUnet, _attention_unet_defaults, _strides),
+    "dynunet": Network(DynUNet, _dynunet_defaults, _strides),
+    "segresnet": Network(
+        SegResNet, _segresnet_defaults, lambda kwargs: 2 ** (len(kwargs["blocks_down"]) - 1)
+    ),
 }
+#: Every network name ``model.name`` accepts.
+NETWORK_NAMES: tuple[str, ...] = tuple(NETWORKS)
 
 
 def network_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -144,7 +195,7 @@ def network_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
     """
     if model_cfg.name not in NETWORKS:
         raise ConfigError(f"unknown model '{model_cfg.name}': choose one of {', '.join(NETWORKS)}")
-    cls, defaults = NETWORKS[model_cfg.name]
+    cls, defaults = NETWORKS[model_cfg.name].cls, NETWORKS[model_cfg.name].defaults
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     for key in model_cfg.kwargs:
         if key not in accepted:
@@ -170,29 +221,14 @@ def build_model(model_cfg: ModelConfig) -> nn.Module:
         ConfigError: unknown name or argument, or arguments the network refuses (message names it).
     """
     kwargs = network_kwargs(model_cfg)
-    cls = NETWORKS[model_cfg.name][0]
+    cls = NETWORKS[model_cfg.name].cls
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, AssertionError, KeyError) as err:
         raise ConfigError(f"cannot build model '{model_cfg.name}' ({cls.__name__}): {err}") from None
 
 
-def _stride_product(strides: Any) -> int:
-    """Product over levels of a stride list whose items are ints or per-axis sequences (largest axis)."""
-    total = 1
-    for stride in strides:
-        total *= max(stride) if isinstance(stride, (list, tuple)) else int(stride)
-    return total
-
-
 def total_stride(model_cfg: ModelConfig) -> int:
     """The divisor input sides must be padded to for the network named by ``model_cfg`` (e.g. 16, 32)."""
     kwargs = network_kwargs(model_cfg)
-    name = model_cfg.name
-    if name == "unet":
-        return 2 ** len(kwargs["features"])
-    if name in ("monai_unet", "attention_unet", "dynunet"):
-        return _stride_product(kwargs["strides"])
-    if name == "basic_unet":
-        return 16
-    return 2 ** (len(kwargs["blocks_down"]) - 1)
+    return NETWORKS[model_cfg.name].stride(kwargs)

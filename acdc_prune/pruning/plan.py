@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -67,10 +68,15 @@ class PruningPlan:
             module whose parameters, buffers or channel counts change.
         groups: a summary of every prunable channel group, in execution order.
         ratios: the ratios asked for, by module-path prefix plus ``"default"``.
-        importance: ``"l1"`` or ``"l2"``.
+        importance: the criterion that ranked the channels (``"l1"``, ``"taylor"``, ...).
         round_to: kept widths were rounded up to a multiple of this.
         input_shapes: shapes of the example inputs the model was traced with.
         trace: ``"symbolic"`` or ``"concrete"`` (traced with the example input's concrete shapes).
+        scope: ``"block"`` (ratios per block) or ``"global"`` (one ranking over the network).
+        budget: for a plan made to a budget, ``metric``, ``target`` and ``reached`` (fractions of
+            the original); ``None`` otherwise.
+        steps: for a composed plan, the summary (importance, scope, ratios, round_to, budget) of
+            every plan composed, first first; empty for a plan made in one step.
     """
 
     model_class: str
@@ -81,6 +87,9 @@ class PruningPlan:
     round_to: int = 1
     input_shapes: list[list[int]] = field(default_factory=list)
     trace: str = "symbolic"
+    scope: str = "block"
+    budget: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with a format tag and version."""
@@ -105,6 +114,9 @@ class PruningPlan:
                 round_to=int(data["round_to"]),
                 input_shapes=[[int(s) for s in shape] for shape in data["input_shapes"]],
                 trace=str(data["trace"]),
+                scope=str(data.get("scope", "block")),
+                budget=None if data.get("budget") is None else dict(data["budget"]),
+                steps=[dict(step) for step in data.get("steps", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PruningError(f"the pruning plan is malformed: {type(error).__name__}: {error}") from error
@@ -180,3 +192,98 @@ def _dumps(value: Any, depth: int = 0) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         raise PruningError(f"cannot write the non-finite number {value} into a pruning plan")
     return json.dumps(value)
+
+
+def _chain(name: str, side: str, first: list[int] | None, second: list[int] | None) -> list[int] | None:
+    """Original indices kept by ``first`` then ``second`` (whose indices count ``first``'s survivors)."""
+    if second is None:
+        return first
+    if first is None:
+        return list(second)
+    if second and second[-1] >= len(first):
+        raise PruningError(
+            f"the second plan keeps {side} channel {second[-1]} of layer '{name}', which has only "
+            f"{len(first)} after the first plan: it was made for another network"
+        )
+    return [first[i] for i in second]
+
+
+def _compose_layer(name: str, first: LayerPlan | None, second: LayerPlan | None) -> LayerPlan:
+    if first is None or second is None:
+        return copy.deepcopy(first or second)
+    if first.type != second.type:
+        raise PruningError(
+            f"the plans disagree on layer '{name}': a {first.type} in one, a {second.type} in the other"
+        )
+    shapes = {}
+    for key in dict.fromkeys([*first.shapes, *second.shapes]):
+        if key in first.shapes and key in second.shapes and first.shapes[key][1] != second.shapes[key][0]:
+            raise PruningError(
+                f"the second plan expects '{name}.{key}' of shape {second.shapes[key][0]}, the first plan "
+                f"leaves {first.shapes[key][1]}: it was made for another network"
+            )
+        before = first.shapes[key][0] if key in first.shapes else second.shapes[key][0]
+        after = second.shapes[key][1] if key in second.shapes else first.shapes[key][1]
+        shapes[key] = [list(before), list(after)]
+    return LayerPlan(
+        type=first.type,
+        kept_out=_chain(name, "output", first.kept_out, second.kept_out),
+        kept_in=_chain(name, "input", first.kept_in, second.kept_in),
+        shapes=shapes,
+        axis=first.axis,
+    )
+
+
+def _step_summaries(plan: PruningPlan) -> list[dict[str, Any]]:
+    if plan.steps:
+        return copy.deepcopy(plan.steps)
+    summary = {"importance": plan.importance, "scope": plan.scope, "ratios": dict(plan.ratios)}
+    return [{**summary, "round_to": plan.round_to, "budget": copy.deepcopy(plan.budget)}]
+
+
+def _compose_groups(first: list[GroupPlan], second: list[GroupPlan]) -> list[GroupPlan]:
+    """Original channel counts from ``first``, final kept counts, key and ratio from ``second``."""
+    later = {tuple(g.layers): g for g in second}
+    groups = []
+    for group in first:
+        after = later.pop(tuple(group.layers), None)
+        source = after or group
+        groups.append(GroupPlan(list(group.layers), source.key, source.ratio, group.channels, source.kept))
+    return groups + [copy.deepcopy(g) for g in later.values()]
+
+
+def compose(first: PruningPlan, second: PruningPlan) -> PruningPlan:
+    """One plan, against the original architecture, that prunes as ``first`` then ``second`` do.
+
+    ``second`` must have been made on ``apply_plan(model, first)``. Then
+    ``apply_plan(model, compose(first, second))`` has the same shapes and bit-identical weights as
+    ``apply_plan(apply_plan(model, first), second)``: kept indices are chained, so each tensor is
+    sliced once from the original. The result records the original model class, example inputs and
+    trace, the second plan's ratios, importance and scope, and in ``steps`` every plan composed (a
+    child of a child records one plan and its whole history).
+
+    Raises:
+        PruningError: the plans are for different model classes, or ``second`` does not fit the
+            network ``first`` produces (a layer's type, a shape or a channel index disagrees).
+    """
+    if first.model_class != second.model_class:
+        raise PruningError(
+            f"cannot compose a plan for a {first.model_class} with one for a {second.model_class}"
+        )
+    layers = {
+        name: _compose_layer(name, first.layers.get(name), second.layers.get(name))
+        for name in dict.fromkeys([*first.layers, *second.layers])
+    }
+    return PruningPlan(
+        model_class=first.model_class,
+        layers=layers,
+        groups=_compose_groups(first.groups, second.groups),
+        ratios=dict(second.ratios),
+        importance=second.importance,
+        round_to=second.round_to,
+        input_shapes=copy.deepcopy(first.input_shapes),
+        trace=first.trace,
+        scope=second.scope,
+        budget=copy.deepcopy(second.budget),
+        steps=_step_summaries(first) + _step_summaries(second),
+    )

@@ -3,49 +3,29 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from acdc_prune.pruning.channels import ChannelGraph
 from acdc_prune.pruning.errors import PruningError
+from acdc_prune.pruning.handlers import handler_for, is_resizable
 from acdc_prune.pruning.plan import LayerPlan, PruningPlan
 
-#: Module types whose channel-sized tensors the rebuild knows how to slice.
-RESIZABLE = (
-    nn.modules.conv._ConvNd,
-    nn.Linear,
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.PReLU,
-)
+
+class _ResizableMeta(type):
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return isinstance(instance, nn.Module) and is_resizable(instance)
 
 
-def _select(tensor: torch.Tensor | None, dim: int, indices: Sequence[int] | None) -> torch.Tensor | None:
-    if tensor is None or indices is None:
-        return tensor
-    index = torch.as_tensor(indices, dtype=torch.long, device=tensor.device)
-    return torch.index_select(tensor.detach(), dim, index)
+class Resizable(metaclass=_ResizableMeta):
+    """``isinstance(module, Resizable)``: the layer registry knows how to slice ``module``'s tensors."""
 
 
-def _whole_groups(name: str, indices: Sequence[int] | None, per_group: int, groups: int) -> list[int]:
-    """The groups of a grouped conv that ``indices`` keeps; ``PruningError`` if one is kept partly."""
-    if indices is None:
-        return list(range(groups))
-    kept = sorted({i // per_group for i in indices})
-    if len(indices) != len(kept) * per_group:
-        raise PruningError(f"layer '{name}' would keep part of a conv group, which a grouped conv cannot do")
-    return kept
-
-
-def _check_range(name: str, indices: Sequence[int] | None, size: int) -> None:
-    if indices is not None and (not indices or indices[-1] >= size):
-        raise PruningError(
-            f"the plan does not match layer '{name}': it keeps channels {indices[:1]}..{indices[-1:]} "
-            f"of {size}"
-        )
+#: For ``isinstance``: modules whose channel-sized tensors the rebuild can slice (follows the registry).
+RESIZABLE = (Resizable,)
 
 
 def resize(
@@ -57,10 +37,13 @@ def resize(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The new tensors and attributes of ``module`` once only the given channels are kept.
 
+    The module's layer handler (:func:`acdc_prune.pruning.handlers.register_layer_handler`) does the
+    slicing: built in for convs (also transposed, grouped, depthwise), linears, batch/instance norms,
+    group norms, layer norms and PReLU.
+
     Args:
         name: the module's name, for error messages.
-        module: a conv (also transposed, grouped, depthwise), linear, batch/instance norm, group
-            norm, layer norm or PReLU.
+        module: the module (not modified).
         kept_out: sorted kept output channels, ``None`` = all (for norms and PReLU: the channels).
         kept_in: sorted kept input channels, ``None`` = all.
         axis: for ``LayerNorm``, the axis of ``normalized_shape`` that holds the channels.
@@ -68,68 +51,66 @@ def resize(
     Returns:
         ``(tensors, attributes)``: parameter/buffer name -> new tensor for each one whose shape
         changes, and attribute name -> new value (``out_channels``, ``groups``, ``num_features``...).
+
+    Raises:
+        PruningError: no handler can resize the module, or the indices do not fit it.
     """
-    tensors: dict[str, torch.Tensor | None] = {}
-    attrs: dict[str, Any] = {}
-    if isinstance(module, nn.modules.conv._ConvNd):
-        _check_range(name, kept_out, module.out_channels)
-        _check_range(name, kept_in, module.in_channels)
-        groups = module.groups
-        out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
-        if groups == 1:
-            weight = _select(_select(module.weight, out_dim, kept_out), in_dim, kept_in)
-        else:
-            out_groups = _whole_groups(name, kept_out, module.out_channels // groups, groups)
-            in_groups = _whole_groups(name, kept_in, module.in_channels // groups, groups)
-            if out_groups != in_groups:
-                raise PruningError(f"layer '{name}' would keep different groups of its inputs and outputs")
-            # Per-group widths stay, so only dimension 0 (which lists the groups) is sliced.
-            weight = _select(module.weight, 0, kept_in if module.transposed else kept_out)
-            attrs["groups"] = len(out_groups)
-        tensors = {"weight": weight, "bias": _select(module.bias, 0, kept_out)}
-        attrs["out_channels"] = len(kept_out) if kept_out is not None else module.out_channels
-        attrs["in_channels"] = len(kept_in) if kept_in is not None else module.in_channels
-    elif isinstance(module, nn.Linear):
-        _check_range(name, kept_out, module.out_features)
-        _check_range(name, kept_in, module.in_features)
-        tensors = {
-            "weight": _select(_select(module.weight, 0, kept_out), 1, kept_in),
-            "bias": _select(module.bias, 0, kept_out),
-        }
-        attrs["out_features"] = len(kept_out) if kept_out is not None else module.out_features
-        attrs["in_features"] = len(kept_in) if kept_in is not None else module.in_features
-    elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.PReLU)):
-        if isinstance(module, nn.GroupNorm):
-            size_attr = "num_channels"
-        elif isinstance(module, nn.PReLU):
-            size_attr = "num_parameters"
-        else:
-            size_attr = "num_features"
-        _check_range(name, kept_out, getattr(module, size_attr))
-        for tensor_name in ("weight", "bias", "running_mean", "running_var"):
-            tensors[tensor_name] = _select(getattr(module, tensor_name, None), 0, kept_out)
-        attrs[size_attr] = len(kept_out) if kept_out is not None else getattr(module, size_attr)
-        if isinstance(module, nn.GroupNorm) and attrs[size_attr] % module.num_groups:
-            raise PruningError(
-                f"layer '{name}' would keep {attrs[size_attr]} channels, not a multiple of its "
-                f"{module.num_groups} groups"
-            )
-    elif isinstance(module, nn.LayerNorm):
-        axis = axis or 0
-        _check_range(name, kept_out, module.normalized_shape[axis])
-        for tensor_name in ("weight", "bias"):
-            tensors[tensor_name] = _select(getattr(module, tensor_name, None), axis, kept_out)
-        shape = list(module.normalized_shape)
-        shape[axis] = len(kept_out) if kept_out is not None else shape[axis]
-        attrs["normalized_shape"] = tuple(shape)
-    else:
+    handler = handler_for(module)
+    if not is_resizable(module):
         raise PruningError(f"layer '{name}' is a {type(module).__name__}, which acdc-prune cannot resize")
+    try:
+        tensors, attrs = handler.resize(name, module, kept_out, kept_in, axis)
+    except PruningError:
+        raise
+    except Exception as error:  # a handler that does not fit these indices
+        raise PruningError(
+            f"layer '{name}' ({type(module).__name__}) cannot be resized: {type(error).__name__}: {error}"
+        ) from error
     changed = {
         key: value
         for key, value in tensors.items()
         if value is not None and value.shape != getattr(module, key).shape
     }
     return changed, attrs
+
+
+def keep_applicable(graph: ChannelGraph, removed: set[int], scores: Mapping[int, float]) -> set[int]:
+    """The channel sets to remove, less those that would make a plan :func:`apply_plan` rejects.
+
+    Ratios count a group's channel sets, not each layer's, so a layer can lose every channel (VNet's
+    up-convolution, concatenated with a wider skip inside a residual add); it gets back its
+    best-scoring set. A GroupNorm covering only part of a group can end with a width that its groups
+    do not divide; it gets back its best-scoring sets until they do. Sets only come back, so this ends.
+
+    Args:
+        graph: the channel analysis the plan is made from.
+        removed: representatives (``graph.elements.find``) of the channel sets chosen for removal.
+        scores: representative -> importance; the highest-scoring removed set comes back first.
+
+    Returns:
+        A subset of ``removed``.
+    """
+    find = graph.elements.find
+    kept_removed = set(removed)
+
+    def restore(roots: set[int]) -> None:
+        kept_removed.discard(max(roots, key=lambda r: (scores.get(r, 0.0), -r)))
+
+    changed = True
+    while changed:
+        changed = False
+        for use in graph.layers.values():
+            for elems in (use.out_elems, use.in_elems):
+                roots = {find(e) for e in elems or ()}
+                if roots and roots <= kept_removed:
+                    restore(roots)
+                    changed = True
+        for elems, num_groups in graph.multiples:
+            roots = [find(e) for e in elems]
+            while sum(r not in kept_removed for r in roots) % num_groups:
+                restore(set(roots) & kept_removed)
+                changed = True
+    return kept_removed
 
 
 def _tensor_shapes(module: nn.Module) -> dict[str, list[int]]:

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import inspect
-import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
+from acdc_prune.pruning.concrete import (
+    ConcreteTracer,
+    LeafTracer,
+    concrete_patches,
+    first_line,
+    is_user_function,
+    shape_of,
+)
 from acdc_prune.pruning.errors import PruningError
 
-#: Tensor attributes that describe a tensor rather than its data; read from the concrete value.
-_METADATA_ATTRS = frozenset(
-    {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_sparse", "is_quantized"}
-)
-#: Tensor methods whose non-tensor result depends on shapes only, so it may be baked into the graph.
-_METADATA_METHODS = frozenset(
-    {"size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous", "get_device"}
-)
-_METADATA_FUNCTIONS = frozenset({getattr, torch.numel, torch.is_tensor, torch.is_floating_point})
 #: Relative and absolute tolerance of the trace verification (the graph replays the same kernels).
 _RTOL, _ATOL = 1e-4, 1e-5
 
@@ -39,11 +37,17 @@ class TracedModel:
             lists of tensors, ``None`` for anything else.
         mode: ``"symbolic"`` (plain symbolic trace, valid for any input size) or ``"concrete"``
             (traced with the example input's concrete shapes baked in).
+        opaque: path -> reason of every module torch.fx could not trace into, recorded as one call
+            whose input and output channels are kept.
+        shape_reads: for a concrete trace, node -> the dimensions of its value whose sizes the code
+            read (and the graph baked in); a value whose channel count is read keeps its channels.
     """
 
     graph_module: torch.fx.GraphModule
     shapes: dict[torch.fx.Node, Any]
     mode: str
+    opaque: dict[str, str] = field(default_factory=dict)
+    shape_reads: dict[torch.fx.Node, set[int]] = field(default_factory=dict)
 
 
 @contextmanager
@@ -58,182 +62,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def _is_user_function(target: Any) -> bool:
-    """A Python function registered with ``torch.fx.wrap`` (opaque to the channel analysis)."""
-    module = getattr(target, "__module__", None) or ""
-    return isinstance(target, types.FunctionType) and not module.startswith(("torch", "math", "operator"))
-
-
-def _has_tensor(value: Any) -> bool:
-    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
-
-
-class _ConcreteMixin:
-    """Python-level behaviour of a proxy that carries the concrete value it stands for."""
-
-    value: Any
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _METADATA_ATTRS:
-            return getattr(self.value, name)
-        return _ConcreteAttribute(self, name)
-
-    def __bool__(self) -> bool:
-        if isinstance(self.value, torch.Tensor):
-            self.tracer.fail_data_dependent("bool() of a tensor (control flow on tensor values)")
-        return bool(self.value)
-
-    def __len__(self) -> int:
-        return len(self.value)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter([self[i] for i in range(len(self.value))])
-
-    def __int__(self) -> int:
-        self.tracer.fail_data_dependent("int() of a tensor")
-
-    def __float__(self) -> float:
-        self.tracer.fail_data_dependent("float() of a tensor")
-
-    def __index__(self) -> int:
-        self.tracer.fail_data_dependent("a tensor used as an index")
-
-
-class _ConcreteProxy(_ConcreteMixin, torch.fx.Proxy):
-    """A ``torch.fx.Proxy`` that also holds the node's value computed on the example input."""
-
-    def __init__(self, node: torch.fx.Node, tracer: _ConcreteTracer, value: Any) -> None:
-        super().__init__(node, tracer)
-        self.value = value
-
-
-class _ConcreteAttribute(_ConcreteMixin, torch.fx.proxy.Attribute):
-    """An attribute access on a concrete proxy; becomes a method call or a ``getattr`` node."""
-
-    @property
-    def value(self) -> Any:
-        return getattr(self.root.value, self.attr)
-
-
-def _unwrap(args: Any) -> Any:
-    return map_aggregate(args, lambda a: a.value if isinstance(a, _ConcreteMixin) else a)
-
-
-class _ConcreteTracer(torch.fx.Tracer):
-    """Symbolic tracer whose proxies carry concrete values, so shape-dependent Python runs for real.
-
-    Every node is evaluated as it is recorded. Shape queries (``x.shape``, ``x.size()``) return the
-    example input's concrete values, so ``if up.shape[-2:] != skip.shape[-2:]`` takes the branch
-    the example takes; ``torch.jit.isinstance`` sees the concrete tensor; functions registered with
-    ``torch.fx.wrap`` are traced into instead of recorded as opaque calls. Control flow on tensor
-    *values* cannot be captured and raises ``PruningError``.
-    """
-
-    def __init__(self, placeholder_values: dict[str, Any]) -> None:
-        super().__init__()
-        self._placeholder_values = placeholder_values
-        self._evaluating = 0
-        self._recording = 0
-        #: Shape of every recorded node's value, as :class:`TracedModel` wants them.
-        self.shapes: dict[torch.fx.Node, Any] = {}
-        #: The traced forward's return value, computed while tracing.
-        self.output: Any = None
-
-    def where(self) -> str:
-        """The module whose forward is being traced, for error messages."""
-        if not self.module_stack:
-            return "the model's own forward"
-        path, module_type = next(reversed(self.module_stack.values()))
-        return f"module `{path}` ({getattr(module_type, '__name__', module_type)})"
-
-    def fail_data_dependent(self, op: str) -> None:
-        """Raise the error for an operation whose result depends on tensor values."""
-        raise PruningError(
-            f"cannot trace {self.where()}: {op} depends on tensor values, which torch.fx cannot record"
-        )
-
-    def call_module(self, m: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        if self._evaluating:
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
-        if self._evaluating:
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
-        self._evaluating += 1
-        try:
-            if kind == "placeholder":
-                return self._placeholder_values.get(target, args[0] if args else None)
-            if kind == "get_attr":
-                return _fetch(self.root, target)
-            args, kwargs = _unwrap(args), _unwrap(kwargs)
-            if kind == "call_function":
-                return target(*args, **kwargs)
-            if kind == "call_method":
-                return getattr(args[0], target)(*args[1:], **kwargs)
-            return self.root.get_submodule(target)(*args, **kwargs)
-        finally:
-            self._evaluating -= 1
-
-    def create_proxy(
-        self,
-        kind: str,
-        target: Any,
-        args: tuple,
-        kwargs: dict,
-        name: str | None = None,
-        type_expr: Any = None,
-        proxy_factory_fn: Any = None,
-    ) -> Any:
-        if kind == "call_function" and _is_user_function(target):
-            return target(*args, **kwargs)
-        value = self._evaluate(kind, target, args, kwargs)
-        if kind in ("call_function", "call_method") and not _has_tensor(value):
-            if target not in _METADATA_METHODS and target not in _METADATA_FUNCTIONS:
-                op = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-                self.fail_data_dependent(f"`{op}` returns a Python value computed from a tensor and")
-            return value
-        self._recording += 1
-        try:
-            proxy = super().create_proxy(
-                kind,
-                target,
-                args,
-                kwargs,
-                name,
-                type_expr,
-                proxy_factory_fn=lambda node: _ConcreteProxy(node, self, value),
-            )
-        finally:
-            self._recording -= 1
-        self.shapes[proxy.node] = _shape_of(value)
-        return proxy
-
-    def create_arg(self, a: Any) -> Any:
-        # Outside create_proxy, fx lowers only the forward's return value (into the output node).
-        if not self._recording:
-            self.output = _unwrap(a)
-        return super().create_arg(a)
-
-
-@contextmanager
-def _concrete_jit_isinstance() -> Iterator[None]:
-    """Let ``torch.jit.isinstance`` (used by MONAI's ``UpCat``) see a concrete proxy's value."""
-    original = torch.jit.isinstance
-
-    def patched(obj: Any, target_type: Any) -> bool:
-        return original(obj.value if isinstance(obj, _ConcreteMixin) else obj, target_type)
-
-    torch.jit.isinstance = patched
-    try:
-        yield
-    finally:
-        torch.jit.isinstance = original
-
-
 class _ReplayError(Exception):
     """Replaying a graph failed at ``node``."""
 
@@ -243,59 +71,59 @@ class _ReplayError(Exception):
         self.error = error
 
 
-@dataclass
-class _Replay:
-    output: Any
-    shapes: dict[torch.fx.Node, Any]
-    module_outputs: list[tuple[torch.fx.Node, Any]]
+class _Diverged(Exception):
+    """A replayed leaf-module call's output differs from the model's: at ``node``."""
+
+    def __init__(self, node: torch.fx.Node) -> None:
+        super().__init__(str(node))
+        self.node = node
 
 
-def _replay(
-    graph_module: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], keep_module_outputs: bool = False
-) -> _Replay:
-    """Run a graph node by node, recording each value's shape (and leaf-module outputs on request)."""
-    env: dict[torch.fx.Node, Any] = {}
-    shapes: dict[torch.fx.Node, Any] = {}
-    module_outputs: list[tuple[torch.fx.Node, Any]] = []
-    remaining = iter(inputs)
-    for node in graph_module.graph.nodes:
-        args = torch.fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+class _Replay(torch.fx.Interpreter):
+    """Runs a traced graph on the example inputs, recording the shape of every node's value.
+
+    Args:
+        graph_module: the traced graph.
+        reference: optional module path -> the model's outputs of each call of that module (from
+            forward hooks); the run then stops with :class:`_Diverged` at the first ``call_module``
+            node whose output differs.
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, reference: dict[str, list[Any]] | None = None):
+        super().__init__(graph_module)
+        self.extra_traceback = False
+        self.shapes: dict[torch.fx.Node, Any] = {}
+        self.reference = reference
+        self.calls: dict[str, int] = {}
+
+    def output(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        # fx hands the output over in its immutable containers; the model returns plain ones.
+        return _plain(args[0])
+
+    def run_node(self, n: torch.fx.Node) -> Any:
         try:
-            if node.op == "placeholder":
-                value = next(remaining, args[0] if args else None)
-            elif node.op == "get_attr":
-                value = _fetch(graph_module, node.target)
-            elif node.op == "call_function":
-                value = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                value = getattr(args[0], node.target)(*args[1:], **kwargs)
-            elif node.op == "call_module":
-                value = graph_module.get_submodule(node.target)(*args, **kwargs)
-            else:
-                return _Replay(args[0], shapes, module_outputs)
+            value = super().run_node(n)
         except Exception as error:
-            raise _ReplayError(node, error) from error
-        env[node] = value
-        shapes[node] = _shape_of(value)
-        if keep_module_outputs and node.op == "call_module":
-            module_outputs.append((node, value))
-    raise _ReplayError(node, RuntimeError("the graph has no output node"))
+            raise _ReplayError(n, error) from error
+        self.shapes[n] = shape_of(value)
+        if self.reference is not None and n.op == "call_module":
+            index = self.calls.get(str(n.target), 0)
+            self.calls[str(n.target)] = index + 1
+            expected = self.reference.get(str(n.target), [])
+            if index >= len(expected) or not _same_output(expected[index], value)[0]:
+                raise _Diverged(n)
+        return value
 
 
-def _fetch(root: torch.nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
+def _plain(value: Any) -> Any:
+    """A value with fx's immutable lists and dicts turned back into plain ones, recursively."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
     return value
-
-
-def _shape_of(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.shape
-    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-        return [v.shape if isinstance(v, torch.Tensor) else None for v in value]
-    return None
 
 
 def _same_output(expected: Any, actual: Any) -> tuple[bool, float]:
@@ -338,7 +166,7 @@ def _describe_inputs(inputs: tuple[torch.Tensor, ...]) -> str:
     return ", ".join(str(tuple(t.shape)) for t in inputs)
 
 
-def _innermost_module(model: torch.nn.Module, node: torch.fx.Node) -> str:
+def innermost_module(model: torch.nn.Module, node: torch.fx.Node) -> str:
     """Name and type of the module a graph node was traced in."""
     if node.op == "call_module":
         path = str(node.target)
@@ -350,88 +178,107 @@ def _innermost_module(model: torch.nn.Module, node: torch.fx.Node) -> str:
     return f"`{path}` ({type(model.get_submodule(path)).__name__})"
 
 
-def _first_divergence(
+def _detached_copy(value: Any) -> Any:
+    """A copy of a module's output that later in-place operations (``ReLU(inplace=True)``) leave alone."""
+    return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+
+
+def _module_outputs(
     model: torch.nn.Module, graph_module: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]
-) -> str:
-    """Where a graph's replay first departs from the model: the first leaf module whose output differs."""
+) -> dict[str, list[Any]]:
+    """The model's output of each call of every module the graph calls, by path (via forward hooks)."""
     reference: dict[str, list[Any]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if name and not list(module.children()):
-            hooks.append(
-                module.register_forward_hook(
-                    lambda _m, _i, out, name=name: reference.setdefault(name, []).append(out)
-                )
-            )
+    called = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_module"}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: reference.setdefault(name, []).append(_detached_copy(out))
+        )
+        for name in sorted(called)
+    ]
     try:
         model(*inputs)
     finally:
         for hook in hooks:
             hook.remove()
+    return reference
+
+
+def _first_divergence(
+    model: torch.nn.Module, graph_module: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...]
+) -> str:
+    """Where a graph's replay first departs from the model: the first module call whose output differs."""
+    replay = _Replay(graph_module, _module_outputs(model, graph_module, inputs))
     try:
-        replay = _replay(graph_module, inputs, keep_module_outputs=True)
+        replay.run(*inputs)
     except _ReplayError as failure:
-        where = _innermost_module(model, failure.node)
+        where = innermost_module(model, failure.node)
         return f"replaying the graph fails at {where} ({type(failure.error).__name__})"
-    calls: dict[str, int] = {}
-    for node, output in replay.module_outputs:
-        index = calls.get(str(node.target), 0)
-        calls[str(node.target)] = index + 1
-        expected = reference.get(str(node.target), [])
-        if index >= len(expected) or not _same_output(expected[index], output)[0]:
-            return f"the first difference is at {_innermost_module(model, node)}"
+    except _Diverged as divergence:
+        return f"the first difference is at {innermost_module(model, divergence.node)}"
     return "the difference arises after the last module call"
 
 
 def _symbolic_graph(model: torch.nn.Module, defaults: dict[str, Any]) -> torch.fx.GraphModule | None:
     """Plain symbolic trace; ``None`` when it fails or records a function opaque to the analysis."""
     try:
-        graph = torch.fx.Tracer().trace(model, concrete_args=defaults or None)
+        graph = LeafTracer().trace(model, concrete_args=defaults or None)
     except Exception:
         return None
-    if any(node.op == "call_function" and _is_user_function(node.target) for node in graph.nodes):
+    if any(node.op == "call_function" and is_user_function(node.target) for node in graph.nodes):
         return None
     return torch.fx.GraphModule(model, graph)
 
 
 def _concrete_graph(
     model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], defaults: dict[str, Any]
-) -> tuple[torch.fx.GraphModule, dict[torch.fx.Node, Any], Any]:
+) -> tuple[torch.fx.GraphModule, ConcreteTracer]:
     """Trace with concrete shapes; ``PruningError`` naming the module when an op cannot be recorded.
 
-    Returns the graph, each node's value shape and the output, all computed while tracing: every
-    node is evaluated on its arguments' values as it is recorded, which is exactly a replay.
+    Returns the graph and the tracer, which holds each node's value shape, the output and the opaque
+    modules, all computed while tracing: every node is evaluated on its arguments' values as it is
+    recorded, which is exactly a replay.
     """
     values = dict(zip(_input_names(model, len(inputs)), inputs, strict=True))
-    tracer = _ConcreteTracer(values)
+    tracer = ConcreteTracer(values)
     try:
-        with _concrete_jit_isinstance():
+        with concrete_patches():
             graph = tracer.trace(model, concrete_args=defaults or None)
     except PruningError:
         raise
     except Exception as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise PruningError(
-            f"cannot trace {tracer.where()} with torch.fx: {type(error).__name__}: {message}"
+            f"cannot trace {tracer.where()} with torch.fx: {type(error).__name__}: {first_line(error)}"
         ) from error
     for node in graph.nodes:
         # fx's wrapper of a torch.fx.wrap'ed function tags the node it gets back; after inlining, that
         # is a torch op or a module call, which must not be re-registered as a wrapped global.
         if node.op != "call_function" or getattr(node.target, "__module__", "").startswith("torch"):
             node.meta.pop("is_wrapped", None)
-    return torch.fx.GraphModule(model, graph), tracer.shapes, tracer.output
+    return torch.fx.GraphModule(model, graph), tracer
 
 
 def _verified(
-    model: torch.nn.Module, graph_module: torch.fx.GraphModule, inputs: tuple, reference: Any
-) -> tuple[dict[torch.fx.Node, Any] | None, float]:
+    graph_module: torch.fx.GraphModule, inputs: tuple, reference: Any
+) -> dict[torch.fx.Node, Any] | None:
     """Node shapes when the graph reproduces ``reference`` on ``inputs``; otherwise ``None``."""
+    replay = _Replay(graph_module)
     try:
-        replay = _replay(graph_module, inputs)
+        output = replay.run(*inputs)
     except _ReplayError:
-        return None, float("inf")
-    same, deviation = _same_output(reference, replay.output)
-    return (replay.shapes if same else None), deviation
+        return None
+    return replay.shapes if _same_output(reference, output)[0] else None
+
+
+def _warn_opaque(opaque: dict[str, str]) -> None:
+    if opaque:
+        listed = "; ".join(f"`{path}`: {reason}" for path, reason in list(opaque.items())[:3])
+        more = "; ..." if len(opaque) > 3 else ""
+        warnings.warn(
+            f"torch.fx cannot trace into {len(opaque)} module(s) ({listed}{more}); "
+            "each is kept as an opaque block whose input and output channels stay, and the network is "
+            "pruned around it",
+            stacklevel=4,
+        )
 
 
 def trace_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> TracedModel:
@@ -448,8 +295,11 @@ def trace_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Tra
         inputs: the positional example inputs of ``model.forward``, e.g. ``(x,)`` with x of shape
             (N, C, H, W).
 
+    A submodule whose forward the concrete trace cannot follow (einops, an unsupported construct;
+    not control flow on tensor values) is recorded as one opaque call, with a warning.
+
     Returns:
-        The verified graph and the shape of every node's value.
+        The verified graph, the shape of every node's value and the opaque modules.
 
     Raises:
         PruningError: the model cannot run on the inputs, an operation cannot be traced, or no graph
@@ -460,22 +310,23 @@ def trace_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Tra
         try:
             reference = model(*inputs)
         except Exception as error:
-            first_line = (str(error).strip().splitlines() or [""])[0]
             raise PruningError(
                 f"{type(model).__name__} cannot run on the example input of shape "
-                f"{_describe_inputs(inputs)}: {first_line}"
+                f"{_describe_inputs(inputs)}: {first_line(error)}"
             ) from error
         graph_module = _symbolic_graph(model, defaults)
         if graph_module is not None:
-            shapes, _ = _verified(model, graph_module, inputs, reference)
+            shapes = _verified(graph_module, inputs, reference)
             if shapes is not None:
                 return TracedModel(graph_module, shapes, "symbolic")
-        graph_module, shapes, output = _concrete_graph(model, inputs, defaults)
-        same, deviation = _same_output(reference, output)
+        graph_module, tracer = _concrete_graph(model, inputs, defaults)
+        same, deviation = _same_output(reference, tracer.output)
         if not same:
             raise PruningError(
                 f"the torch.fx graph of {type(model).__name__} does not reproduce its output on the "
                 f"example input (max deviation {deviation:.3g}); "
                 f"{_first_divergence(model, graph_module, inputs)}"
             )
-        return TracedModel(graph_module, shapes, "concrete")
+        _warn_opaque(tracer.opaque)
+        reads = {node: dims for node, dims in tracer.shape_reads.items() if dims}
+        return TracedModel(graph_module, tracer.shapes, "concrete", dict(tracer.opaque), reads)

@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
+from acdc_prune.pruning.handlers import LayerHandler, handler_for
 from acdc_prune.pruning.plan import PruningPlan
 from acdc_prune.pruning.tracing import eval_mode
 
@@ -41,12 +43,22 @@ def mixes_channel_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, CHANNEL_STATISTICS_NORMS) for m in model.modules())
 
 
+def changes_channel_statistics(model: nn.Module, plan: PruningPlan) -> bool:
+    """Whether the plan prunes a GroupNorm/LayerNorm of ``model``, so that only shapes can be compared.
+
+    A channel-statistics norm the plan leaves whole (a transformer's LayerNorm, a pinned GroupNorm)
+    sees exactly the same input as in :func:`zeroed_reference`, so the exact contract still holds.
+    """
+    return any(isinstance(model.get_submodule(name), CHANNEL_STATISTICS_NORMS) for name in plan.layers)
+
+
 def zeroed_reference(model: nn.Module, plan: PruningPlan, *inputs: torch.Tensor) -> Any:
     """The original model's eval-mode output with every input channel a planned layer drops set to zero.
 
     Forward pre-hooks multiply the first input of each layer that has ``kept_in`` by a 0/1 channel
-    mask (channel dimension 1, or the last one for ``nn.Linear``). By the correctness contract the
-    pruned network's output equals this.
+    mask along the dimension its layer handler names (1 for convs and norms, the last one for
+    ``nn.Linear``, the normalised axis for ``nn.LayerNorm``). By the correctness contract the pruned
+    network's output equals this.
 
     Args:
         model: the original (unpruned) model.
@@ -58,12 +70,13 @@ def zeroed_reference(model: nn.Module, plan: PruningPlan, *inputs: torch.Tensor)
         if layer.kept_in is None:
             continue
         module = model.get_submodule(name)
-        dim = -1 if isinstance(module, nn.Linear) else 1
+        handler = handler_for(module) or LayerHandler()
 
-        def zero_dropped(_module: nn.Module, args: tuple, kept: list[int] = layer.kept_in, dim: int = dim):
+        def zero_dropped(module: nn.Module, args: tuple, layer: Any = layer, handler: Any = handler) -> tuple:
             first = args[0]
+            dim = handler.input_dim(module, first.ndim, layer.axis)
             mask = torch.zeros(first.shape[dim], dtype=first.dtype, device=first.device)
-            mask[kept] = 1
+            mask[layer.kept_in] = 1
             shape = [1] * first.ndim
             shape[dim] = -1
             return (first * mask.view(shape), *args[1:])
@@ -80,8 +93,19 @@ def zeroed_reference(model: nn.Module, plan: PruningPlan, *inputs: torch.Tensor)
 def max_deviation(model: nn.Module, pruned: nn.Module, plan: PruningPlan, *inputs: torch.Tensor) -> float:
     """Largest absolute difference between ``pruned(*inputs)`` and :func:`zeroed_reference` (eval mode).
 
-    Both outputs must be single tensors of the same shape; 0.0 means bit-identical.
+    Outputs may be tensors or (nested) lists, tuples and dicts of them, compared leaf by leaf; ``inf``
+    when their structure or shapes differ, 0.0 when bit-identical.
     """
     with eval_mode(pruned), torch.no_grad():
         out = pruned(*inputs)
-    return (out - zeroed_reference(model, plan, *inputs)).abs().max().item()
+    leaves, spec = pytree.tree_flatten(out)
+    expected, expected_spec = pytree.tree_flatten(zeroed_reference(model, plan, *inputs))
+    if spec != expected_spec:
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(leaves, expected, strict=True):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape:
+                return float("inf")
+            worst = max(worst, (a - b).abs().max().item() if a.numel() else 0.0)
+    return worst
