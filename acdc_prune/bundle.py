@@ -2,7 +2,7 @@
 
 MONAI's bundle runner wraps every exception of a component in a long traceback; these entry points
 turn this project's errors into one line on stderr and exit status 1 (``SystemExit``), the way the
-``acdc-prune`` command line does.
+``acdc-prune`` command line does, with advice worded for bundle users (``acdc_prune.render``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from acdc_prune.engine.checkpoints import Checkpoint
+from acdc_prune.engine.quantize import open_source
 from acdc_prune.errors import AcdcPruneError, CheckpointError, ConfigError
+from acdc_prune.render import RichReporter, error_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,7 +32,7 @@ def _one_line_errors(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except AcdcPruneError as err:
-            raise SystemExit(f"error: {err}") from None
+            raise SystemExit(f"error: {error_text(err, 'bundle')}") from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -118,13 +121,17 @@ def load_network(model_file: str | Path, meta_file: str | Path) -> nn.Module:
         The network in eval mode on the CPU: ``(B, 1, H, W) -> (B, 4, H, W)`` logits, H and W
         multiples of its total stride.
     """
-    from acdc_prune.engine.checkpoints import load_model
+    return _checked_network(Checkpoint.open(Path(model_file)), meta_file).eval()
+
+
+def _checked_network(source: Any, meta_file: str | Path) -> nn.Module:
+    """The network of ``source`` (a ``Checkpoint`` or an ``OnnxSource``), refused unless it agrees with
+    the bundle metadata."""
     from acdc_prune.models import total_stride
 
-    metadata = read_metadata(meta_file)
-    model, config, _ = load_model(Path(model_file))
-    check_against_metadata(model, metadata, model_file, total_stride(config.model))
-    return model.eval()
+    model = source.build_model()
+    check_against_metadata(model, read_metadata(meta_file), source.path, total_stride(source.config.model))
+    return model
 
 
 @_one_line_errors
@@ -150,7 +157,8 @@ def train(
 
     data = _required_folder(dataset_dir, "dataset_dir", "--dataset_dir")
     config = load_config(recipe_file, [*overrides, f"data.root={data}", f"logging.runs_dir={output_dir}"])
-    result = train_model(config)
+    with RichReporter(bars=config.logging.progress) as reporter:
+        result = train_model(config, reporter=reporter)
     print(f"run folder {result.run_dir} (best mean Dice {result.best_dice:.4f} at epoch {result.best_epoch})")
     return result.run_dir
 
@@ -179,9 +187,11 @@ def infer(
     from acdc_prune.io import unused_path
 
     data = _required_folder(dataset_dir, "dataset_dir", "--dataset_dir")
-    load_network(model_file, meta_file)
+    source = open_source(Path(model_file))  # a checkpoint or an int8 model from acdc-prune quantize
+    _checked_network(source, meta_file)
     out = unused_path(output_dir, prefix="predictions-")
-    return predict_folder(Path(model_file), data, out=out, overrides=list(overrides))
+    with RichReporter() as reporter:
+        return predict_folder(source, data, out=out, overrides=list(overrides), reporter=reporter)
 
 
 @_one_line_errors
@@ -217,13 +227,15 @@ def prune(
         )
     data = _required_folder(dataset_dir, "dataset_dir", "--dataset_dir")
     extra = [f"data.root={data}", f"logging.runs_dir={output_dir}"]
-    result = prune_run(
-        Path(output_dir),
-        read_ratios(Path(ratios_file)),
-        reinit=reinit,
-        retrain_epochs=retrain_epochs,
-        checkpoint=Path(model_file),
-        overrides=[*overrides, *extra],
-    )
+    with RichReporter() as reporter:
+        result = prune_run(
+            Path(output_dir),
+            read_ratios(Path(ratios_file)),
+            reinit=reinit,
+            retrain_epochs=retrain_epochs,
+            checkpoint=Path(model_file),
+            overrides=[*overrides, *extra],
+            reporter=reporter,
+        )
     print(f"pruned model in {result.out_dir}")
     return result.out_dir

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from acdc_prune.errors import ConfigError
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -33,6 +35,16 @@ _state = {"debug": False}
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults fill the rest.")
 ]
+TargetOption = Annotated[
+    float | None,
+    typer.Option(help="Keep this fraction of the original network (0.1 = 10x fewer); a budget, not ratios."),
+]
+ImportanceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Channel criterion: l1, l2, bn_scale, taylor, redundancy (or one registered in Python)."
+    ),
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Dotted override, repeatable: --set training.epochs=5"),
@@ -52,6 +64,7 @@ def _run(action: Callable[[], Any]) -> Any:
     from rich.markup import escape
 
     from acdc_prune.errors import AcdcPruneError
+    from acdc_prune.render import error_text
 
     try:
         return action()
@@ -60,10 +73,10 @@ def _run(action: Callable[[], Any]) -> Any:
     except AcdcPruneError as err:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(error_text(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt as err:
-        detail = f": {escape(str(err))}" if str(err) else ""
+        detail = f": {escape(error_text(err))}" if str(err) else ""
         err_console.print(f"[yellow]interrupted[/]{detail}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except (OSError, MemoryError) as err:
@@ -195,12 +208,14 @@ def train(
     def body() -> None:
         from acdc_prune.engine.distributed import current_ranks
         from acdc_prune.engine.trainer import train as train_model
+        from acdc_prune.render import RichReporter
 
         if resume is not None:
             cfg = _load_config(resume / "config.yaml", overrides)
         else:
             cfg = _load_config(config, overrides, data)
-        result = train_model(cfg, resume=resume, console=console)
+        with RichReporter(console, bars=cfg.logging.progress) as reporter:
+            result = train_model(cfg, resume=resume, reporter=reporter)
         if current_ranks().is_main:  # under torchrun, rank 0 alone reports
             console.print(
                 f"best mean foreground Dice {result.best_dice:.4f} at epoch {result.best_epoch}; "
@@ -228,10 +243,19 @@ def evaluate(
 
     def body() -> None:
         from acdc_prune.experiments.evaluation import evaluate_folder
+        from acdc_prune.render import RichReporter, print_evaluation
 
-        evaluate_folder(
-            model, data, out=out, save_predictions=save_predictions, overrides=overrides, console=console
-        )
+        with RichReporter(console) as reporter:
+            result = evaluate_folder(
+                model,
+                data,
+                out=out,
+                save_predictions=save_predictions,
+                overrides=overrides,
+                reporter=reporter,
+            )
+        print_evaluation(result, console)
+        console.print(f"results in [bold]{result.out_dir}[/]")
 
     _run(body)
 
@@ -254,23 +278,37 @@ def predict(
 
     def body() -> None:
         from acdc_prune.experiments.predict import predict_folder
+        from acdc_prune.render import RichReporter
 
-        predict_folder(model, data, out=out, overrides=overrides, console=console)
+        with RichReporter(console) as reporter:
+            folder = predict_folder(model, data, out=out, overrides=overrides, reporter=reporter)
+        console.print(f"predictions in [bold]{folder}[/]")
 
     _run(body)
 
 
 @app.command()
 def prune(
-    run_dir: Annotated[Path, typer.Argument(help="Trained run folder (best.pt, config.yaml, epochN.pt).")],
+    run_dir: Annotated[Path, typer.Argument(help="Trained (or already pruned) run folder.")],
     ratios: Annotated[
-        Path, typer.Option(help="YAML: 'default: 0.25' plus block prefixes, e.g. 'encoders.1: 0.5'.")
-    ],
+        Path | None, typer.Option(help="YAML: 'default: 0.25' plus block prefixes, e.g. 'encoders.1: 0.5'.")
+    ] = None,
+    target_macs: TargetOption = None,
+    target_params: TargetOption = None,
+    target_latency: TargetOption = None,
+    importance: ImportanceOption = None,
+    scope: Annotated[
+        str | None, typer.Option(help="block (ratios per coupled group) or global (rank across groups).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Reach the target in N geometric steps, retraining between.")
+    ] = None,
     rewind: Annotated[
         str | None, typer.Option(help="Rewind surviving weights to this checkpoint of the run, e.g. epoch5.")
     ] = None,
     reinit: Annotated[
-        str | None, typer.Option(help="none (keep weights) or random; --rewind implies rewind.")
+        str | None,
+        typer.Option(help="none (keep weights), random, or lr_rewind (keep them, replay the LR schedule)."),
     ] = None,
     retrain_epochs: Annotated[int | None, typer.Option(min=0, help="Retraining epochs (0 = none).")] = None,
     retrain_lr: Annotated[float | None, typer.Option(help="Peak retraining learning rate.")] = None,
@@ -279,38 +317,54 @@ def prune(
     ] = None,
     overrides: SetOption = None,
 ) -> None:
-    """Prune filters by L1 norm, rebuild a smaller network, re-initialise, retrain and evaluate.
+    """Prune filters, rebuild a smaller network, recalibrate BatchNorm, retrain and evaluate.
 
-    Example: acdc-prune prune runs/acdc/20261121-101500 --ratios configs/ratios.yaml --rewind epoch5
+    Give block ratios (--ratios) or a budget (--target-macs 0.1: keep 10% of the original MACs).
+    Example: acdc-prune prune runs/acdc/20261121-101500 --target-macs 0.1 --importance taylor
     """
 
     def body() -> None:
-        from acdc_prune.errors import ConfigError
         from acdc_prune.experiments.prune import prune_run, read_ratios
+        from acdc_prune.render import RichReporter, print_pruning
 
+        targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
+        extra = _pruning_overrides(targets, importance=importance, scope=scope, steps=steps)
         if rewind is not None and reinit not in (None, "rewind"):
             raise ConfigError(f"--rewind {rewind} and --reinit {reinit} contradict each other; give one")
-        mode = "rewind" if rewind is not None else (reinit or "none")
-        result = prune_run(
-            run_dir,
-            read_ratios(ratios),
-            reinit=mode,
-            rewind_to=rewind,
-            retrain_epochs=retrain_epochs,
-            retrain_lr=retrain_lr,
-            checkpoint=checkpoint,
-            overrides=overrides,
-            console=console,
-        )
-        params, macs = result.meta["params"], result.meta["macs"]
-        console.print(
-            f"params {params['before']:,} -> {params['after']:,}, "
-            f"MACs {macs['before']:,} -> {macs['after']:,}; mean Dice "
-            f"{result.before['mean_dice']:.4f} before retraining, {result.after['mean_dice']:.4f} after"
-        )
-        console.print(f"pruned model in [bold]{result.out_dir}[/]")
+        if ratios is not None and any(value is not None for value in targets.values()):
+            raise ConfigError("--ratios and a --target-* option contradict each other; give one")
+        mode = "rewind" if rewind is not None else reinit
+        with RichReporter(console) as reporter:
+            result = prune_run(
+                run_dir,
+                read_ratios(ratios) if ratios is not None else None,
+                reinit=mode,
+                rewind_to=rewind,
+                retrain_epochs=retrain_epochs,
+                retrain_lr=retrain_lr,
+                checkpoint=checkpoint,
+                overrides=[*(overrides or []), *extra],
+                reporter=reporter,
+            )
+        print_pruning(result, console)
 
     _run(body)
+
+
+def _pruning_overrides(targets: dict[str, float | None], **options: Any) -> list[str]:
+    """Pruning options of the command line as dotted ``pruning.*`` overrides (``None`` = not given).
+
+    Args:
+        targets: metric (``macs``, ``params``, ``latency``) -> fraction to keep; at most one is given.
+        options: further ``pruning`` keys (``importance``, ``scope``, ``steps``).
+    """
+    given = {metric: value for metric, value in targets.items() if value is not None}
+    if len(given) > 1:
+        raise ConfigError("give one of --target-macs, --target-params and --target-latency")
+    settings = [f"pruning.{key}={value}" for key, value in options.items() if value is not None]
+    for metric, value in given.items():
+        settings += [f"pruning.target_metric={metric}", f"pruning.target={value}"]
+    return settings
 
 
 @app.command()
@@ -318,7 +372,12 @@ def inspect(
     run_dir: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
     ratios: Annotated[Path | None, typer.Option(help="Preview what this ratios file would remove.")] = None,
     checkpoint: Annotated[str, typer.Option(help="Checkpoint of the run: best, last, epoch5...")] = "best",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/inspect/<time>).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output folder (default: <run>/inspect/<time>, or <runs_dir>/inspect/<time> for a file)."
+        ),
+    ] = None,
 ) -> None:
     """Filter-norm statistics, histograms and heat map, widths per block, and a ratios preview.
 
@@ -328,11 +387,120 @@ def inspect(
     def body() -> None:
         from acdc_prune.experiments.inspect import inspect_run
         from acdc_prune.experiments.prune import read_ratios
+        from acdc_prune.render import print_inspection
 
         preview = read_ratios(ratios) if ratios is not None else None
-        inspect_run(run_dir, ratios=preview, checkpoint=checkpoint, out=out, console=console)
+        print_inspection(inspect_run(run_dir, ratios=preview, checkpoint=checkpoint, out=out), console)
 
     _run(body)
+
+
+@app.command()
+def sensitivity(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder or checkpoint file (a pruned one too).")],
+    ratios: Annotated[
+        str, typer.Option(help="Comma-separated shares of a block's filters removed, each in (0, 1).")
+    ] = "0.25,0.5,0.75,0.9",
+    importance: Annotated[
+        str | None, typer.Option(help="Channel criterion (default: the run's pruning.importance).")
+    ] = None,
+    volumes: Annotated[
+        int, typer.Option(help="Validation volumes scored: a fixed, evenly spread subset.")
+    ] = 8,
+    target_macs: Annotated[
+        float, typer.Option(help="ratios.yaml keeps this fraction of the MACs (0.25 = 4x fewer).")
+    ] = 0.25,
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint of the run: best, last, epoch5...")] = "best",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output folder; give an existing one to resume it (default: <run>/sensitivity/<time>)."
+        ),
+    ] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Prune one block at a time at each ratio, recalibrate BatchNorm, score; plots and a ratios.yaml.
+
+    Example: acdc-prune sensitivity runs/acdc/20261121-101500 --ratios 0.25,0.5,0.75,0.9 --target-macs 0.25
+    """
+
+    def body() -> None:
+        from rich.table import Table
+
+        from acdc_prune.experiments.sensitivity import parse_ratio_list, run_sensitivity
+        from acdc_prune.render import RichReporter
+
+        tried = parse_ratio_list(ratios)
+        with RichReporter(console) as reporter:
+            result = run_sensitivity(
+                run_dir,
+                tried,
+                importance=importance,
+                volumes=volumes,
+                target_macs=target_macs,
+                checkpoint=checkpoint,
+                out=out,
+                overrides=overrides,
+                reporter=reporter,
+            )
+        meta, target = result.meta, result.meta["target"]
+        table = Table(
+            "block", *(f"{r:g}" for r in tried), title="Dice loss when one block is pruned by ratio"
+        )
+        for block, rows in result.table.groupby("block", sort=False):
+            table.add_row(str(block), *(f"{loss:+.4f}" for loss in rows["dice_loss"]))
+        console.print(table)
+        recalibrated = meta.get("reference_recalibrated", {}).get("dice_mean")
+        console.print(
+            f"unpruned Dice {meta['reference']['dice_mean']:.4f}"
+            + (f" ({recalibrated:.4f} recalibrated)" if recalibrated is not None else "")
+            + f" on {len(meta['settings']['volumes'])} validation volumes; ratios.yaml keeps "
+            f"{target['real_macs_fraction']:.3f} of the MACs (target {target['macs_fraction']:g})"
+        )
+        console.print(f"sensitivity in [bold]{result.out_dir}[/]")
+
+    _run(body)
+
+
+ExecutorOption = Annotated[
+    str,
+    typer.Option(
+        help="Where jobs run: local (this process, one after the other) or ray (Ray tasks, in parallel)."
+    ),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray cluster to join (host:port, ray://host:port or auto); default: a local Ray instance."
+    ),
+]
+
+
+def _sweep_failures() -> tuple[dict[str, str], Callable[[Any], None]]:
+    """A dict of failed jobs (name -> error) and the sweep event callback that fills it."""
+    failed: dict[str, str] = {}
+
+    def record(event: Any) -> None:
+        if event.state == "failed":
+            failed[event.job] = event.message
+
+    return failed, record
+
+
+def _print_sweep_report(report_dir: Path, failed: dict[str, str], title: str) -> None:
+    """The summary table of a sweep report, its folder, and the failed jobs (then exit 1)."""
+    from rich.markup import escape
+
+    from acdc_prune.experiments import report
+
+    console.print(report.rich_table(report.read_summary(report_dir), title))
+    console.print(f"report in [bold]{report_dir}[/]")
+    for job, error in failed.items():
+        err_console.print(
+            f"[bold red]failed:[/] {escape(job)}: {escape(error)}", highlight=False, soft_wrap=True
+        )
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -341,17 +509,68 @@ def sweep(
     data: Annotated[
         Path | None, typer.Option(help="Data folder (sets data.root of the base config).")
     ] = None,
+    executor: ExecutorOption = "local",
+    ray_address: RayAddressOption = None,
 ) -> None:
-    """Baseline once, then every ratios setting x mode: prune, retrain, evaluate; re-running resumes.
+    """Baselines, then every ratios setting x mode x seed: prune, retrain, evaluate; re-running resumes.
 
-    Example: acdc-prune sweep -c configs/acdc-sweep.yaml --data ~/ACDC/training
+    Example: acdc-prune sweep -c configs/acdc-sweep.yaml --data ~/ACDC/training --executor ray
     """
 
     def body() -> None:
         from acdc_prune.experiments.sweep import load_sweep, run_sweep
+        from acdc_prune.render import RichReporter
 
         spec, base_dir = load_sweep(config)
-        run_sweep(spec, base_dir, data=data, console=console)
+        failed, record = _sweep_failures()
+        with RichReporter(console) as reporter:
+            report_dir = run_sweep(
+                spec,
+                base_dir,
+                data=data,
+                executor=executor,
+                ray_address=ray_address,
+                reporter=reporter,
+                on_event=record,
+            )
+        _print_sweep_report(report_dir, failed, f"{spec.name}: validation, after retraining")
+
+    _run(body)
+
+
+@app.command("sweep-eval")
+def sweep_eval(
+    sweep_dir: Annotated[Path, typer.Argument(help="Sweep folder (the one holding report/sweep.json).")],
+    data: Annotated[Path, typer.Option(help="Labelled data folder (ACDC or nnU-Net raw layout).")],
+    name: Annotated[
+        str | None, typer.Option(help="Writes SWEEP/eval-<name>/ (default: the data folder's name).")
+    ] = None,
+    executor: ExecutorOption = "local",
+    ray_address: RayAddressOption = None,
+) -> None:
+    """Evaluate the baselines and every finished arm of a sweep on another labelled data set.
+
+    The sweep's own results are never touched; re-running skips finished evaluations.
+
+    Example: acdc-prune sweep-eval runs/acdc/acdc --data ~/data/other-site --executor ray
+    """
+
+    def body() -> None:
+        from acdc_prune.experiments.sweep import evaluate_sweep
+        from acdc_prune.render import RichReporter
+
+        failed, record = _sweep_failures()
+        with RichReporter(console) as reporter:
+            report_dir = evaluate_sweep(
+                sweep_dir,
+                data,
+                name=name,
+                executor=executor,
+                ray_address=ray_address,
+                reporter=reporter,
+                on_event=record,
+            )
+        _print_sweep_report(report_dir, failed, f"{sweep_dir.name} on {data.name}")
 
     _run(body)
 
@@ -400,10 +619,83 @@ def export(
     """
 
     def body() -> None:
-        from acdc_prune.engine.export import export_checkpoint, print_export
+        from acdc_prune.engine.export import export_checkpoint
+        from acdc_prune.render import print_export
 
         result = export_checkpoint(model, fmt, checkpoint=checkpoint, out=out, force=force, opset=opset)
         print_export(result, console)
+
+    _run(body)
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: <run>/quantized, or <run>/quantized-qat).")
+    ] = None,
+    calibration_slices: Annotated[
+        int, typer.Option(help="Training slices to calibrate activation ranges on (at least 8).")
+    ] = 128,
+    keep_float: Annotated[
+        str | None, typer.Option(help="Module-path prefixes left in float, e.g. decoders.3 (head always).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Calibration: minmax, entropy or percentile.")] = "minmax",
+    qat_epochs: Annotated[
+        int, typer.Option(min=0, help="Quantization-aware fine-tuning epochs first (0 = post-training only).")
+    ] = 0,
+    qat_lr: Annotated[
+        float | None, typer.Option(help="QAT peak learning rate (default training.lr / 10).")
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint of the run: best, last, epoch5...")] = "best",
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overrides: SetOption = None,
+) -> None:
+    """int8 model (onnxruntime, QDQ) calibrated on training slices; evaluate and predict take its folder.
+
+    Example: acdc-prune quantize runs/acdc/20261121-101500/pruned/none-20261121-120000
+    """
+
+    def body() -> None:
+        from rich.table import Table
+
+        from acdc_prune.experiments.quantize import quantize_run
+        from acdc_prune.render import RichReporter
+
+        prefixes = [p.strip() for p in (keep_float or "").split(",") if p.strip()]
+        with RichReporter(console) as reporter:
+            result = quantize_run(
+                model,
+                out=out,
+                checkpoint=checkpoint,
+                calibration_slices=calibration_slices,
+                keep_float=prefixes,
+                method=method,
+                qat_epochs=qat_epochs,
+                qat_lr=qat_lr,
+                force=force,
+                overrides=overrides,
+                reporter=reporter,
+            )
+        facts = result.summary["quantization"]
+        table = Table(title="int8 quantization", show_header=False)
+        table.add_row("File", str(result.path))
+        table.add_row(
+            "Size", f"{facts['size_bytes'] / 2**20:.2f} MiB (float {facts['float_size_bytes'] / 2**20:.2f})"
+        )
+        table.add_row("Calibration", f"{result.summary['calibration']['slices']} training slices, {method}")
+        table.add_row("Float layers", ", ".join(facts["float_nodes"]))
+        if "qat" in result.summary:
+            qat, dice = result.summary["qat"], result.summary["qat"]["best_dice"]
+            shown = f"{dice:.4f}" if dice is not None else "undefined"
+            table.add_row("QAT epochs", f"{qat['epochs']}, best validation Dice {shown} (int8-rounded)")
+        check = facts["check"]
+        table.add_row(
+            "Max |logit deviation|", f"{check['max_abs_logit_deviation']:.3g} on {check['slices']} slices"
+        )
+        table.add_row("Label agreement", f"{check['label_agreement']:.4%}")
+        console.print(table)
+        console.print(f"evaluate it with: acdc-prune evaluate {result.path.parent}")
 
     _run(body)
 

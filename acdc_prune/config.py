@@ -24,6 +24,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Values of ``training.precision`` and ``evaluation.precision`` (resolved in ``engine.precision``)."""
 CHANNELS_LAST = ("auto", True, False)
 """Values of ``training.channels_last`` and ``evaluation.channels_last``."""
+REINIT_MODES = ("none", "random", "rewind", "lr_rewind")
+"""Weights of a pruned network: kept, re-drawn, rewound to an early checkpoint, or kept with the
+learning-rate schedule rewound (Renda et al. 2020)."""
+DEFAULT_CACHE = Path("runs") / ".cache"
+"""The cache folder of the default config (``logging.runs_dir: runs``, ``data.cache_dir: null``)."""
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -99,7 +104,17 @@ class ModelConfig:
 
     name: str = spec(
         "unet",
-        choices=("unet", "monai_unet", "basic_unet", "attention_unet", "dynunet", "segresnet"),
+        # The names of acdc_prune.models.registry.NETWORKS (a test keeps them equal); importing the
+        # registry here would load torch and MONAI with every config.
+        choices=(
+            "unet",
+            "monai_unet",
+            "basic_unet",
+            "basic_unet_plus_plus",
+            "attention_unet",
+            "dynunet",
+            "segresnet",
+        ),
         doc="the project's U-Net or a MONAI network from the registry",
     )
     in_channels: int = spec(1, ge=1, doc="input channels (1 for cine MRI)")
@@ -143,6 +158,11 @@ class TrainingConfig:
     val_every: int = spec(1, ge=1, doc="validate every N epochs")
     checkpoint_epochs: list[int] = spec(factory=lambda: [5], ge=1, doc="epochs kept as rewind points")
     num_threads: int | None = spec(None, ge=1, doc="CPU threads for torch; null = torch's default")
+    schedule_offset: int = spec(
+        0,
+        ge=0,
+        doc="epochs of the learning-rate schedule already spent (learning-rate rewinding replays the rest)",
+    )
 
 
 @dataclass
@@ -152,8 +172,35 @@ class PruningConfig:
     ratios: dict[str, float] = spec(
         factory=lambda: {"default": 0.5}, ge=0.0, lt=1.0, doc="share of filters removed per block prefix"
     )
-    importance: str = spec("l1", choices=("l1", "l2"), doc="filter norm ranking channels")
-    reinit: str = spec("none", choices=("none", "random", "rewind"), doc="weights of the pruned network")
+    importance: str = spec(
+        "l1", doc="channel criterion: l1, l2, bn_scale, taylor, redundancy or one registered from Python"
+    )
+    scope: str = spec(
+        "block", choices=("block", "global"), doc="rank channels per coupled group or across all"
+    )
+    target: float | None = spec(
+        None,
+        gt=0.0,
+        le=1.0,
+        doc="keep this fraction of the original target_metric (0.1 = 10x fewer); null = ratios",
+    )
+    target_metric: str = spec("macs", choices=("macs", "params", "latency"), doc="what target counts")
+    max_ratio: float | None = spec(
+        None, gt=0.0, lt=1.0, doc="global scope: most of any group removed; null = 0.9"
+    )
+    min_channels: int = spec(1, ge=1, doc="fewest channels a group keeps")
+    steps: int = spec(1, ge=1, doc="reach the target in this many geometric steps, retraining between them")
+    data_batches: int = spec(8, ge=1, doc="training batches read by taylor and redundancy")
+    similarity: str = spec("pearson", choices=("pearson", "cosine"), doc="redundancy: feature-map similarity")
+    redundancy_threshold: float | None = spec(
+        None, gt=0.0, le=1.0, doc="redundancy: prune every channel this similar to a kept one (ratio caps it)"
+    )
+    calibration_batches: int = spec(
+        16, ge=0, doc="training batches re-estimating BatchNorm statistics after pruning; 0 = off"
+    )
+    reinit: str = spec(
+        "none", choices=REINIT_MODES, doc="weights of the pruned network: none, random, rewind or lr_rewind"
+    )
     rewind_to: str = spec("epoch5", doc="checkpoint of the same run that rewind loads")
     retrain_epochs: int = spec(10, ge=0, doc="epochs of retraining after pruning")
     retrain_lr: float | None = spec(None, gt=0.0, doc="peak retraining learning rate; null = training.lr")
@@ -208,6 +255,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON serialisable)."""
         return asdict(self)
+
+    @property
+    def cache_dir(self) -> Path:
+        """The one cache folder of this config (phantom data, disk cache of preprocessed volumes):
+        ``data.cache_dir``, or ``<logging.runs_dir>/.cache`` when that is null."""
+        if self.data.cache_dir:
+            return Path(self.data.cache_dir).expanduser()
+        return Path(self.logging.runs_dir) / ".cache"
 
 
 def _type_name(tp: Any) -> str:

@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
-class AcdcPruneError(Exception):
-    """Base class of every error the CLI reports as a one-line message and a non-zero exit."""
+@dataclass(frozen=True)
+class Hint:
+    """Advice attached to an error, worded by each face for its own users.
+
+    The engine states what to change; the command line renders ``--set training.batch_size=8`` or
+    ``--force``, the MONAI bundle its own keys, and Python callers read ``setting=value``.
+
+    Attributes:
+        setting: a config key (``training.batch_size``) or an option of the entry point that was
+            called (``force``, ``out``, ``resume``).
+        value: the suggested value (``True`` for a switch such as ``force``).
+    """
+
+    setting: str
+    value: Any = True
+
+    def __str__(self) -> str:
+        return self.setting if self.value is True else f"{self.setting}={self.value}"
+
+
+class _Hinted:
+    """A one-line message with an optional :class:`Hint`; ``str()`` words the hint for Python callers."""
+
+    def __init__(self, message: str = "", hint: Hint | None = None) -> None:
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} ({self.hint})"
+
+    def __reduce__(self) -> tuple:
+        """Pickle with the hint (errors cross process boundaries: torchrun ranks, Ray workers)."""
+        return type(self), (self.message, self.hint)
+
+
+class AcdcPruneError(_Hinted, Exception):
+    """Base class of every error the faces report as a one-line message and a non-zero exit."""
 
 
 class ConfigError(AcdcPruneError, ValueError):
@@ -33,12 +70,15 @@ class DiskFullError(ResourceError):
         advice: what to do once space is freed.
     """
 
-    def __init__(self, path: Path, advice: str = "run the command again") -> None:
-        self.path = path
-        super().__init__(f"no space left on device while writing {path}; free space and {advice}")
+    def __init__(self, path: Path, advice: str = "run the command again", hint: Hint | None = None) -> None:
+        self.path, self.advice = path, advice
+        super().__init__(f"no space left on device while writing {path}; free space and {advice}", hint)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.advice, self.hint)
 
 
-class Interrupted(KeyboardInterrupt):
+class Interrupted(_Hinted, KeyboardInterrupt):
     """Ctrl-C stopped a long job; the message says what was kept and how to continue.
 
     A ``KeyboardInterrupt``, so code that handles Ctrl-C keeps working; the CLI prints the message

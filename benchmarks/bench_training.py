@@ -28,9 +28,11 @@ from rich.console import Console
 from rich.table import Table
 
 from acdc_prune.config import load_config
+from acdc_prune.engine.device import resolve_device
 from acdc_prune.engine.precision import FP32, Precision, resolve_precision
-from acdc_prune.engine.trainer import build_train_step, make_loss, make_progress, resolve_device, run_epoch
+from acdc_prune.engine.steps import build_train_step, make_loss, run_epoch
 from acdc_prune.models import build_model, total_stride
+from acdc_prune.render import RichReporter
 
 
 def _sync(device: torch.device) -> None:
@@ -73,16 +75,16 @@ def bare_loop(model, loss_fn, image, label, steps, device, precision: Precision,
 
 def project_loop(step, image, label, steps, device) -> float:
     """Seconds for ``steps`` steps through ``run_epoch`` with a live (off-screen) progress display."""
-    progress = make_progress(Console(file=io.StringIO(), force_terminal=True), enabled=True)
-    task = progress.add_task("bench", total=steps, info="")
+    reporter = RichReporter(Console(file=io.StringIO(), force_terminal=True))
+    reporter.start("batches", steps)
 
     def refresh(done: int, loss: float, slices: int) -> None:
-        progress.update(task, completed=done, info=f"loss {loss:.4f}")
+        reporter.update("batches", done, f"loss {loss:.4f}")
 
     batches = ({"image": image, "label": label} for _ in range(steps))
     _sync(device)
     began = time.perf_counter()
-    with progress:
+    with reporter:
         run_epoch(step, batches, refresh)
     _sync(device)
     return time.perf_counter() - began

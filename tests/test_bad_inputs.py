@@ -561,10 +561,16 @@ def unknown_reinit(env):
     return _prune(env, "default: 0.5\n", "--reinit", "rewnd")
 
 
-@case("is already pruned; prune its baseline run instead")
-def prune_a_pruned_model(env):
+@case("is already pruned and its folder keeps no early checkpoints")
+def rewind_a_pruned_model(env):
     ratios = env.write("ratios.yaml", "default: 0.5\n")
-    return ["prune", str(env.pruned), "--ratios", str(ratios)]
+    return ["prune", str(env.pruned), "--ratios", str(ratios), "--rewind", "epoch1"]
+
+
+@case("pruning.steps needs a target")
+def prune_in_steps_without_a_target(env):
+    ratios = env.write("ratios.yaml", "default: 0.5\n")
+    return ["prune", str(env.run), "--ratios", str(ratios), "--steps", "2"]
 
 
 @case("has already trained 1 epochs; set training.epochs above that")

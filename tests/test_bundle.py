@@ -18,6 +18,7 @@ from acdc_prune.data.nifti import open_nifti, true_affine
 from acdc_prune.engine.checkpoints import load_model
 from acdc_prune.engine.cost import count_parameters
 from acdc_prune.models import UNet2D
+from acdc_prune.pruning import PruningPlan
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "acdc_unet_prune"
 CONFIGS = BUNDLE / "configs"
@@ -83,7 +84,7 @@ def test_schema_refuses_metadata_without_required_keys(tmp_path):
 def test_train_config_writes_a_loadable_run(bundle_run):
     model, config, checkpoint = load_model(bundle_run)
     assert config.model.features == [4, 8]
-    assert checkpoint["epoch"] == 1
+    assert checkpoint.epoch == 1
     assert (bundle_run / "metrics.json").is_file()
 
 
@@ -118,7 +119,7 @@ def test_prune_config_prunes_and_retrains_a_bundle_model(bundle_run, tiny_phanto
     )
     pruned, _, checkpoint = load_model(child)
     baseline, _, _ = load_model(bundle_run)
-    assert "plan" in checkpoint
+    assert checkpoint.plan is not None
     assert json.loads((child / "meta.json").read_text())["params"]["after"] == count_parameters(pruned)
     assert count_parameters(pruned) < count_parameters(baseline) / 2
     assert (child / "eval_after" / "summary.json").is_file()
@@ -158,7 +159,7 @@ def test_shipped_pruned_model_is_its_plan_applied_to_the_baseline():
     baseline, _, _ = load_model(SHIPPED["baseline"])
     pruned, _, checkpoint = load_model(SHIPPED["pruned"])
     plan = (SHIPPED["pruned"].parent / "plan.json").read_text()
-    assert json.loads(plan) == json.loads(checkpoint["plan"])
+    assert PruningPlan.from_json(plan) == checkpoint.plan
     assert count_parameters(pruned) < count_parameters(baseline) * 0.3
 
 
@@ -169,11 +170,11 @@ def test_missing_dataset_dir_is_one_line_error(tmp_path):
 
 def test_model_that_does_not_match_the_metadata_is_refused(tmp_path, tiny_phantom):
     from acdc_prune.config import config_from_dict
-    from acdc_prune.engine.checkpoints import save_checkpoint
+    from acdc_prune.engine.checkpoints import Checkpoint
 
     config = config_from_dict({"model": {"features": [4, 8], "bottleneck": 8, "out_channels": 3}})
     model_file = tmp_path / "three_classes.pt"
-    save_checkpoint(model_file, UNet2D(out_channels=3, features=(4, 8), bottleneck=8), config, epoch=1)
+    Checkpoint.of(UNet2D(out_channels=3, features=(4, 8), bottleneck=8), config, epoch=1).save(model_file)
     with pytest.raises(SystemExit, match="predicts 3 classes but the bundle metadata declares 4"):
         run_bundle(
             "inference.yaml",

@@ -1,4 +1,4 @@
-"""Checkpoint save/load: round trip, run folders, and one-line errors for files that do not fit."""
+"""The Checkpoint type: round trip, run folders, pruned networks, one-line errors for files that do not fit."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from acdc_prune.config import config_from_dict
-from acdc_prune.engine.checkpoints import load_model, read_checkpoint, resolve_checkpoint, save_checkpoint
+from acdc_prune.engine.checkpoints import Checkpoint, load_model, read_checkpoint, resolve_checkpoint
 from acdc_prune.errors import CheckpointError
 from acdc_prune.models import build_model
 from acdc_prune.pruning import PruningPlan, apply_plan, plan_pruning
@@ -23,7 +23,7 @@ def _saved(tmp_path, name="best.pt", features=(8, 16)):
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-1, 1)
-    save_checkpoint(tmp_path / name, model, config, epoch=3, state={"best_dice": 0.5})
+    Checkpoint.of(model, config, epoch=3, state={"best_dice": 0.5}).save(tmp_path / name)
     return model, config
 
 
@@ -32,7 +32,8 @@ def test_round_trip_from_a_file_and_from_a_run_folder(tmp_path):
     for source in (tmp_path / "best.pt", tmp_path):
         loaded, loaded_config, checkpoint = load_model(source)
         assert loaded_config == config
-        assert checkpoint["epoch"] == 3 and checkpoint["best_dice"] == 0.5
+        assert checkpoint.epoch == 3 and checkpoint.state == {"best_dice": 0.5} and checkpoint.plan is None
+        assert checkpoint.path == tmp_path / "best.pt" and checkpoint.run_dir == tmp_path
         for key, value in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], value)
     x = torch.randn(1, 1, 16, 16)
@@ -93,9 +94,11 @@ def test_pruned_model_is_rebuilt_from_its_plan(tmp_path):
     model = build_model(config.model).eval()
     plan = plan_pruning(model, torch.randn(1, 1, 32, 32), ratios={"default": 0.5})
     pruned = apply_plan(model, plan)
-    save_checkpoint(tmp_path / "best.pt", pruned, config, epoch=1, plan_json=plan.to_json())
-    loaded, _, checkpoint = load_model(tmp_path)
-    assert "plan" in checkpoint
+    Checkpoint.of(pruned, config, epoch=1, plan=plan).save(tmp_path / "best.pt")
+    loaded, _, opened = load_model(tmp_path)
+    assert opened.plan == plan
+    checkpoint = read_checkpoint(tmp_path / "best.pt")
+    assert checkpoint["plan"] == plan.to_json()
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), pruned(x))
@@ -113,3 +116,21 @@ def test_invalid_stored_config_is_a_checkpoint_error(tmp_path):
     torch.save(checkpoint, tmp_path / "badconfig.pt")
     with pytest.raises(CheckpointError, match="stored config is invalid"):
         load_model(tmp_path / "badconfig.pt")
+
+
+def test_saving_is_atomic_and_reopening_gives_the_same_checkpoint(tmp_path):
+    model, config = _saved(tmp_path)
+    opened = Checkpoint.open(tmp_path)
+    again = Checkpoint.open(opened.save(tmp_path / "copy.pt"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (again.config, again.epoch, again.state, again.plan) == (config, 3, {"best_dice": 0.5}, None)
+    assert all(torch.equal(again.weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_corrupt_plan_is_named(tmp_path):
+    _saved(tmp_path)
+    checkpoint = read_checkpoint(tmp_path / "best.pt")
+    checkpoint["plan"] = "{not json"
+    torch.save(checkpoint, tmp_path / "bad-plan.pt")
+    with pytest.raises(CheckpointError, match=r"bad-plan\.pt: its pruning plan is invalid"):
+        Checkpoint.open(tmp_path / "bad-plan.pt")

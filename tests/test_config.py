@@ -69,7 +69,10 @@ def test_ratios_without_default_get_zero_default():
             {"pruning": {"ratios": {"default": float("nan")}}},
             "pruning.ratios.default: NaN is not a valid value",
         ),
-        ({"pruning": {"reinit": "rewnd"}}, "pruning.reinit: 'rewnd' is not one of none, random, rewind"),
+        (
+            {"pruning": {"reinit": "rewnd"}},
+            "pruning.reinit: 'rewnd' is not one of none, random, rewind, lr_rewind",
+        ),
         ({"data": {"target_spacing": [1.0]}}, "data.target_spacing: expected 2 values, got 1"),
         ({"data": {"target_spacing": 1.0}}, "data.target_spacing: expected a list of float, got 1.0"),
         ({"data": {"root": 3}}, "data.root: expected a string, got 3"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from acdc_prune.config import DataConfig
+from acdc_prune.config import DataConfig, config_from_dict
 from acdc_prune.data import discover, load_records
 from acdc_prune.errors import DataError
 
@@ -91,8 +91,11 @@ def test_load_records_uses_the_root_or_the_cached_phantom(tiny_phantom: Path, tm
     assert load_records(DataConfig(root=str(tiny_phantom)), tmp_path) == discover(tiny_phantom)
     records = load_records(DataConfig(root=None, phantom_patients=2, phantom_seed=5), tmp_path)
     assert len(records) == 4
-    assert records[0].image.is_relative_to(tmp_path / ".cache" / "phantom")
-    custom = load_records(
-        DataConfig(root=None, phantom_patients=2, phantom_seed=5, cache_dir=str(tmp_path / "c")), "x"
-    )
-    assert custom[0].image.is_relative_to(tmp_path / "c" / "phantom")
+    assert records[0].image.is_relative_to(tmp_path / "phantom")
+
+
+def test_the_config_resolves_the_one_cache_folder(tmp_path: Path) -> None:
+    config = config_from_dict({"logging": {"runs_dir": str(tmp_path / "runs")}})
+    assert config.cache_dir == tmp_path / "runs" / ".cache"
+    config.data.cache_dir = str(tmp_path / "c")
+    assert config.cache_dir == tmp_path / "c"

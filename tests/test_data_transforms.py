@@ -125,7 +125,7 @@ def test_unlabelled_records_give_image_only_items(tiny_phantom: Path) -> None:
 def test_disk_and_no_cache_match_the_memory_cache(tiny_phantom: Path, tmp_path: Path, cache: str) -> None:
     records = discover(tiny_phantom)[:2]
     memory = VolumeDataset(records, _cfg(), 16)
-    other = VolumeDataset(records, _cfg(cache=cache, cache_dir=str(tmp_path)), 16)
+    other = VolumeDataset(records, _cfg(cache=cache), 16, cache_dir=tmp_path)
     for a, b in zip(memory, other, strict=True):
         assert torch.equal(a["image"].as_tensor(), b["image"].as_tensor())
         assert torch.allclose(a["image"].affine, b["image"].affine)
@@ -133,5 +133,5 @@ def test_disk_and_no_cache_match_the_memory_cache(tiny_phantom: Path, tmp_path: 
         files = list((tmp_path / "preprocessed").rglob("*.pt"))
         assert len(files) == 2
         assert all(torch.load(f, weights_only=True)["image"].shape[0] == 1 for f in files)
-        again = VolumeDataset(records, _cfg(cache=cache, cache_dir=str(tmp_path)), 16)
+        again = VolumeDataset(records, _cfg(cache=cache), 16, cache_dir=tmp_path)
         assert torch.equal(again[1]["label"].as_tensor(), memory[1]["label"].as_tensor())

@@ -17,7 +17,8 @@ from torch.utils.data import RandomSampler
 from acdc_prune.config import ModelConfig
 from acdc_prune.engine.checkpoints import load_model, read_checkpoint
 from acdc_prune.engine.distributed import ShardSampler, current_ranks, wrap_model
-from acdc_prune.engine.trainer import make_train_loader
+from acdc_prune.engine.precision import resolve_precision
+from acdc_prune.engine.steps import make_train_loader
 from acdc_prune.errors import ConfigError
 from acdc_prune.models import build_model
 
@@ -104,7 +105,12 @@ def test_torchrun_two_cpu_processes_train_one_run_that_loads_in_one_process(tmp_
     last = read_checkpoint(run / "last.pt")
     assert set(last) == CHECKPOINT_KEYS and last["epoch"] == 2 and len(last["history"]) == 2
     assert last["model"].keys() == build_model(config.model).state_dict().keys()  # no "module." prefix
+    # the run records the precision it resolved (every rank resolves the same: one CPU)
+    training = config.training
+    resolved = resolve_precision(training.precision, training.channels_last, torch.device("cpu"))
+    config.training.precision, config.training.channels_last = resolved.name, resolved.channels_last
+    config.evaluation.precision, config.evaluation.channels_last = resolved.name, resolved.channels_last
     for name in ("best", "last"):
         model, stored, checkpoint = load_model(run, name)
-        assert stored == config and checkpoint["epoch"] in (1, 2)
+        assert stored == config and checkpoint.epoch in (1, 2)
         assert model.eval()(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 64, 64)

@@ -1,4 +1,4 @@
-"""Slice-wise inference and the evaluate pipeline, end to end on a small phantom data set."""
+"""Segmentation (MONAI SliceInferer) and the evaluate pipeline, end to end on a small phantom data set."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from torch import nn
 from acdc_prune.config import DataConfig, EvaluationConfig
 from acdc_prune.data import VolumeDataset, discover
 from acdc_prune.data.nifti import read_volume
-from acdc_prune.engine import evaluate as evaluate_module
-from acdc_prune.engine.evaluate import evaluate_model, print_evaluation, summarize, summary_table
-from acdc_prune.engine.inference import predict_volume
-from acdc_prune.errors import AcdcPruneError
+from acdc_prune.engine import segment as segment_module
+from acdc_prune.engine.evaluate import evaluate_model, summarize
+from acdc_prune.engine.segment import predict_probabilities
+from acdc_prune.errors import AcdcPruneError, Hint
+from acdc_prune.render import error_text, evaluation_summary_table, print_evaluation
 
 EVAL_CFG = EvaluationConfig(overlays=2, latency_repeats=2, latency_warmup=0, latency_size=[32, 32])
 
@@ -39,17 +40,17 @@ def phantom(tmp_path_factory, make_phantom):
     return [dataset[i] for i in range(len(dataset))]
 
 
-def test_predict_volume_matches_per_slice_forward():
+def test_slice_probabilities_match_a_per_slice_forward():
     net = _tiny_net().train()
     image = torch.randn(1, 12, 10, 5)
-    probs = predict_volume(net, image, batch_size=2, device="cpu")
+    probs = predict_probabilities(net, image, batch_size=2, device="cpu")
     assert probs.shape == (4, 12, 10, 5)
     torch.testing.assert_close(probs.sum(0), torch.ones(12, 10, 5))
     with torch.no_grad():
         net.eval()
         expected = net(image[None, :, :, :, 3]).softmax(1)[0]
     torch.testing.assert_close(probs[..., 3], expected)
-    torch.testing.assert_close(predict_volume(net.train(), image, batch_size=5), probs)
+    torch.testing.assert_close(predict_probabilities(net.train(), image, batch_size=5), probs)
     assert net.training
 
 
@@ -80,7 +81,7 @@ def test_summary_excludes_and_counts_undefined_values():
 
 def test_evaluate_writes_every_output(phantom, tmp_path):
     cfg = dataclasses.replace(EVAL_CFG, save_predictions=True)
-    result = evaluate_model(_tiny_net(), phantom, cfg, tmp_path, "cpu", progress=False)
+    result = evaluate_model(_tiny_net(), phantom, cfg, tmp_path, "cpu")
     table = pd.read_csv(tmp_path / "per_volume.csv")
     assert len(table) == 4 and set(table["phase"]) == {"ED", "ES"}
     for column in ("RV_dice", "MYO_hd", "LV_slice_dice", "LV_volume_gt_ml", "mean_dice", "case"):
@@ -111,25 +112,25 @@ def test_evaluate_writes_every_output(phantom, tmp_path):
 def test_oracle_probabilities_score_near_perfect_in_original_geometry(phantom, monkeypatch):
     """One-hot of the preprocessed label, mapped back, must agree with the original label file."""
 
-    def oracle(model, image, batch_size, device):
+    def oracle(model, image, batch_size, device, precision):
         label = next(item["label"] for item in phantom if item["image"] is image)
         return F.one_hot(label[0].as_tensor().long(), 4).permute(3, 0, 1, 2).float()
 
-    monkeypatch.setattr(evaluate_module, "predict_volume", oracle)
-    result = evaluate_model(_tiny_net(), phantom, EVAL_CFG, None, "cpu", progress=False)
+    monkeypatch.setattr(segment_module, "predict_probabilities", oracle)
+    result = evaluate_model(_tiny_net(), phantom, EVAL_CFG, None, "cpu")
     for name in ("RV", "MYO", "LV"):
         assert result.per_volume[f"{name}_dice"].min() > 0.9
     assert result.summary["clinical"]["LV_EF"]["mae"] < 5.0
-    assert summary_table(result).row_count == 9
+    assert evaluation_summary_table(result).row_count == 9
 
 
 def test_model_with_wrong_classes_is_refused(phantom):
-    with pytest.raises(AcdcPruneError, match="predicts 3 classes but evaluation needs 4"):
-        evaluate_model(_tiny_net(out_channels=3), phantom, EVAL_CFG, None, "cpu", progress=False)
+    with pytest.raises(AcdcPruneError, match="predicts 3 classes but segmentation needs 4"):
+        evaluate_model(_tiny_net(out_channels=3), phantom, EVAL_CFG, None, "cpu")
 
 
 def test_keep_largest_components_removes_islands_per_structure():
-    from acdc_prune.engine.inference import keep_largest_components
+    from acdc_prune.engine.segment import keep_largest_components
 
     labels = np.zeros((12, 12, 4), dtype=np.uint8)
     labels[2:6, 2:6, :] = 3  # the LV, through all slices
@@ -147,12 +148,13 @@ def test_keep_largest_components_removes_islands_per_structure():
 
 
 def test_out_of_memory_during_inference_names_the_batch_size_to_lower():
-    from acdc_prune.engine.inference import predict_volume
     from acdc_prune.errors import ResourceError
 
     class OutOfMemory(torch.nn.Module):
         def forward(self, x):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    with pytest.raises(ResourceError, match=r"evaluation.batch_size 16 .*--set evaluation.batch_size=8$"):
-        predict_volume(OutOfMemory(), torch.zeros(1, 32, 32, 3), batch_size=16)
+    with pytest.raises(ResourceError, match=r"evaluation.batch_size 16 .*lower it") as caught:
+        predict_probabilities(OutOfMemory(), torch.zeros(1, 32, 32, 3), batch_size=16)
+    assert caught.value.hint == Hint("evaluation.batch_size", 8)
+    assert error_text(caught.value).endswith("lower it; e.g. --set evaluation.batch_size=8")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from acdc_prune.cli import app
 from acdc_prune.config import config_from_dict
-from acdc_prune.engine.checkpoints import load_model, save_checkpoint
+from acdc_prune.engine.checkpoints import Checkpoint, load_model
 from acdc_prune.engine.export import export_checkpoint, export_model
 from acdc_prune.errors import ExportError
 from acdc_prune.models import build_model
@@ -44,11 +44,11 @@ def runs(tmp_path_factory):
     )
     torch.manual_seed(0)
     model = randomise_norm_statistics(build_model(config.model)).eval()
-    save_checkpoint(root / "run" / "best.pt", model, config, epoch=2)
+    Checkpoint.of(model, config, epoch=2).save(root / "run" / "best.pt")
     plan = plan_pruning(model, torch.randn(1, 1, 16, 16), ratios={"default": 0.5})
     pruned = apply_plan(model, plan)
     pruned_dir = root / "run" / "pruned" / "none-1"
-    save_checkpoint(pruned_dir / "best.pt", pruned, config, epoch=1, plan_json=plan.to_json())
+    Checkpoint.of(pruned, config, epoch=1, plan=plan).save(pruned_dir / "best.pt")
     return {"baseline": root / "run", "pruned": pruned_dir}
 
 

@@ -8,9 +8,11 @@ import pytest
 from rich.console import Console
 from test_training import tiny_config
 
-from acdc_prune.engine import trainer
+from acdc_prune.engine import runlog
+from acdc_prune.engine.runlog import RunLog
 from acdc_prune.engine.tracking import flatten, mlflow_tracking_uri
-from acdc_prune.engine.trainer import RunLog, train
+from acdc_prune.engine.trainer import train
+from acdc_prune.render import RichReporter
 
 
 def test_flatten_joins_nested_keys_with_dots():
@@ -26,12 +28,12 @@ def test_missing_mlflow_is_a_warning_not_a_failure(tmp_path, tiny_phantom, monke
     config = tiny_config(tmp_path, tiny_phantom)
     config.logging.tensorboard = False
     config.logging.mlflow = True
-    real_find_spec = trainer.importlib.util.find_spec
+    real_find_spec = runlog.importlib.util.find_spec
     monkeypatch.setattr(
-        trainer.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real_find_spec(name)
+        runlog.importlib.util, "find_spec", lambda name: None if name == "mlflow" else real_find_spec(name)
     )
     buffer = io.StringIO()
-    log = RunLog(tmp_path, config, Console(file=buffer, width=200), first_epoch=1)
+    log = RunLog(tmp_path, config, RichReporter(Console(file=buffer, width=200)), first_epoch=1)
     log.close()
     assert "logging.mlflow is on but mlflow is not installed: skipped" in buffer.getvalue()
     assert log.mlflow is None

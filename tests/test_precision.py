@@ -12,7 +12,8 @@ from test_training import tiny_config
 from acdc_prune.config import config_from_dict
 from acdc_prune.engine import precision as precision_module
 from acdc_prune.engine.precision import FP32, Precision, native_bf16, resolve_precision
-from acdc_prune.engine.trainer import build_train_step, train
+from acdc_prune.engine.steps import build_train_step
+from acdc_prune.engine.trainer import train
 from acdc_prune.errors import ConfigError
 from acdc_prune.models import build_model
 

@@ -54,9 +54,13 @@ def _fields(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, dict[s
 FIELDS = _fields()
 
 
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
 def _optional_inner(tp: Any) -> tuple[Any, bool]:
     """``(X, True)`` for ``X | None``, else ``(tp, False)``."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    if _is_union(tp) and type(None) in typing.get_args(tp):
         inner = [t for t in typing.get_args(tp) if t is not type(None)]
         return inner[0], True
     return tp, False
@@ -96,6 +100,8 @@ def valid_values(tp: Any, meta: dict[str, Any]) -> st.SearchStrategy:
 
 def invalid_values(tp: Any, meta: dict[str, Any]) -> st.SearchStrategy:
     """Values that the config must refuse for a field of type ``tp`` with limits ``meta``."""
+    if _is_union(tp) and type(None) not in typing.get_args(tp):  # bool | str with choices (auto, true, false)
+        return st.none() | st.integers() | st.floats() | TEXT.filter(lambda v: v not in meta["choices"])
     inner, optional = _optional_inner(tp)
     origin = typing.get_origin(inner)
     scalars = st.booleans() | st.integers() | st.floats() | TEXT

@@ -180,7 +180,8 @@ def test_killed_training_resumes_to_the_same_weights_and_metrics(reference, chil
     again = CliRunner().invoke(app, ["train", "--resume", str(run)])
     assert again.exit_code == 2
     assert again.output.strip() == (
-        f"error: run {run} has already trained {EPOCHS} epochs; set training.epochs above that to continue it"
+        f"error: run {run} has already trained {EPOCHS} epochs; set training.epochs above that to continue it; "
+        f"e.g. --set training.epochs={EPOCHS + 1}"
     )
 
 
@@ -301,7 +302,7 @@ def test_full_disk_during_training_names_the_file_and_the_resume_command(referen
     (run,) = (runs / "t").iterdir()
     assert result.stderr.strip() == (
         f"error: no space left on device while writing {run / 'last.pt'}; free space and resume the run "
-        f"({run / 'last.pt'} keeps epoch 1; continue with: acdc-prune train --resume {run})"
+        f"({run / 'last.pt'} keeps epoch 1); continue with: acdc-prune train --resume {run}"
     )
     assert read_checkpoint(run / "last.pt")["epoch"] == 1
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
@@ -327,8 +328,8 @@ def test_out_of_memory_suggests_smaller_batches_and_keeps_the_checkpoint(referen
     (run,) = (runs / "t").iterdir()
     assert line == (
         "error: out of memory on cpu in epoch 2 (training.batch_size 4, data.patch_size [64, 64]); "
-        "train again with a lower training.batch_size or data.patch_size, e.g. --set training.batch_size=2; "
-        f"{run / 'last.pt'} keeps epoch 1"
+        "train again with a lower training.batch_size or data.patch_size; "
+        f"{run / 'last.pt'} keeps epoch 1; e.g. --set training.batch_size=2"
     )
     assert read_checkpoint(run / "last.pt")["epoch"] == 1
 

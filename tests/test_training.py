@@ -15,9 +15,11 @@ from torch import nn
 from acdc_prune.config import config_from_dict, load_config
 from acdc_prune.engine.checkpoints import load_model, read_checkpoint
 from acdc_prune.engine.precision import native_bf16
-from acdc_prune.engine.trainer import lr_factor, train
+from acdc_prune.engine.steps import lr_factor
+from acdc_prune.engine.trainer import train
 from acdc_prune.errors import AcdcPruneError, ConfigError
 from acdc_prune.models import build_model, total_stride
+from acdc_prune.render import RichReporter
 
 
 def tiny_config(tmp_path, phantom, **training):
@@ -94,7 +96,7 @@ def test_training_writes_its_outputs_and_the_loss_decreases(tmp_path, tiny_phant
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["epoch", "train_loss", "lr"] and "dice_MYO" in header
     _, best_config, best = load_model(run)
-    assert best["epoch"] == result.best_epoch and best_config == config
+    assert best.epoch == result.best_epoch and best_config == config
     assert read_checkpoint(run / "epoch1.pt")["epoch"] == 1
     assert read_checkpoint(run / "last.pt")["epoch"] == 3
 
@@ -131,7 +133,9 @@ def test_progress_bars_and_epoch_lines_go_to_the_console(tmp_path, tiny_phantom)
     config.logging.progress = True
     config.logging.tensorboard = False
     buffer = io.StringIO()
-    train(config, console=Console(file=buffer, force_terminal=True, color_system=None, width=200))
+    console = Console(file=buffer, force_terminal=True, color_system=None, width=200)
+    with RichReporter(console) as reporter:
+        train(config, reporter=reporter)
     text = buffer.getvalue()
     assert "epoch 1/1  loss" in text and "Dice RV" in text  # the per-epoch line
     assert "epochs" in text and "3/3" in text and "slices/s" in text  # the live bars

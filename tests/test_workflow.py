@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from acdc_prune.cli import app
 from acdc_prune.config import config_from_dict, save_config
-from acdc_prune.engine.checkpoints import load_model
+from acdc_prune.engine.checkpoints import Checkpoint, load_model
 from acdc_prune.engine.cost import count_parameters
 from acdc_prune.engine.trainer import train
 from acdc_prune.errors import CheckpointError, ConfigError
@@ -89,7 +89,14 @@ def test_rewind_loads_the_early_weights_and_random_differs(trained_run, tmp_path
     trained, _, _ = load_model(trained_run)
     early, _, _ = load_model(trained_run, "epoch1")
     results = {
-        mode: prune_run(trained_run, HALF, reinit=mode, retrain_epochs=0, out_dir=tmp_path / mode)
+        mode: prune_run(
+            trained_run,
+            HALF,
+            reinit=mode,
+            retrain_epochs=0,
+            out_dir=tmp_path / mode,
+            overrides=["pruning.calibration_batches=0"],  # the weights as re-initialised, not recalibrated
+        )
         for mode in ("none", "random", "rewind")
     }
     plan = PruningPlan.load(results["none"].out_dir / "plan.json")
@@ -192,13 +199,36 @@ def test_cli_errors_are_one_line(trained_run, tmp_path):
 
 
 def test_inspect_writes_statistics_and_a_preview(trained_run, tmp_path):
-    out = inspect_run(trained_run, ratios=HALF, out=tmp_path / "inspect")
+    result = inspect_run(trained_run, ratios=HALF, out=tmp_path / "inspect")
+    out = result.out_dir
+    assert out == tmp_path / "inspect" and result.preview["ratios"] == HALF
     for name in ("norms.csv", "blocks.csv", "norm_histograms.png", "norm_heatmap.png", "preview.json"):
         assert (out / name).is_file(), name
     preview = json.loads((out / "preview.json").read_text())
     assert preview["params"]["after"] < preview["params"]["before"]
     header = (out / "norms.csv").read_text().splitlines()[0].split(",")
     assert {"layer", "block", "l1_mean", "l2_max"} <= set(header)
+
+
+def test_inspecting_a_model_file_writes_under_the_runs_folder_not_beside_the_file(trained_run, tmp_path):
+    shipped = tmp_path / "bundle" / "models"
+    shipped.mkdir(parents=True)
+    model_file = Checkpoint.open(trained_run).save(shipped / "model.pt")
+    source = Checkpoint.open(model_file)
+    source.config.logging.runs_dir = str(tmp_path / "runs")
+    source.save(model_file)
+    out = inspect_run(model_file).out_dir
+    assert out.parent == tmp_path / "runs" / "inspect" and (out / "norms.csv").is_file()
+    assert sorted(p.name for p in shipped.iterdir()) == ["model.pt"]
+
+
+def test_evaluation_caches_under_the_runs_folder_of_its_config(trained_run, tmp_path):
+    source = Checkpoint.open(trained_run)
+    runs = tmp_path / "elsewhere"
+    overrides = ["data.cache=disk", "data.cache_dir=null", f"logging.runs_dir={runs}"]
+    evaluate_folder(trained_run, None, out=tmp_path / "eval", overrides=overrides)
+    assert list((runs / ".cache" / "preprocessed").rglob("*.pt"))
+    assert source.config.data.cache == "memory" and not (tmp_path / "eval" / ".cache").exists()
 
 
 def test_sweep_resume_skips_finished_arms(trained_run, tmp_path, capsys):

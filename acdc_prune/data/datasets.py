@@ -17,9 +17,9 @@ from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import SpatialResample
 from monai.utils import convert_to_tensor
 
-from acdc_prune.config import DataConfig
+from acdc_prune.config import DEFAULT_CACHE, DataConfig
 from acdc_prune.data.nifti import check_label_values, check_pair, open_nifti, read_volume, spatial_shape
-from acdc_prune.data.records import VolumeRecord, resolve_cache_dir
+from acdc_prune.data.records import VolumeRecord
 from acdc_prune.data.transforms import check_divisible, preprocess_transforms, train_slice_transforms
 from acdc_prune.errors import DataError
 
@@ -73,13 +73,13 @@ def preprocessed_volumes(
     data_cfg: DataConfig,
     divisor: int,
     with_label: bool,
-    runs_dir: str | Path = "runs",
+    cache_dir: str | Path = DEFAULT_CACHE,
 ) -> Dataset:
     """A MONAI dataset of preprocessed volumes (:func:`preprocess_transforms`), cached per ``data_cfg.cache``.
 
     ``"memory"`` is a ``CacheDataset`` (filled now, in threads), ``"disk"`` a ``PersistentDataset`` in
-    ``<cache>/preprocessed/<settings hash>`` (``<cache>`` is ``data_cfg.cache_dir`` or
-    ``<runs_dir>/.cache``; files are keyed by path, size and mtime), ``"none"`` a plain ``Dataset``.
+    ``<cache_dir>/preprocessed/<settings hash>`` (files keyed by path, size and mtime; the folder is
+    the config's :attr:`~acdc_prune.config.Config.cache_dir`), ``"none"`` a plain ``Dataset``.
 
     Raises:
         DataError: a record lacks a label where ``with_label``, or (memory cache) any file fails to load.
@@ -103,7 +103,7 @@ def preprocessed_volumes(
             )
     if data_cfg.cache == "disk":
         folder = (
-            resolve_cache_dir(data_cfg, runs_dir)
+            Path(cache_dir)
             / "preprocessed"
             / _settings_key(data_cfg, divisor, with_label)
         )
@@ -130,7 +130,7 @@ class TrainSliceDataset(torch.utils.data.Dataset):
             augment, cache).
         divisor: total stride of the network; ``data_cfg.patch_size`` must be a multiple of it.
         seed: seed of cropping and augmentation.
-        runs_dir: runs folder, for the disk cache when ``data_cfg.cache_dir`` is null.
+        cache_dir: the cache folder (``Config.cache_dir``), for ``data.cache: disk``.
 
     Items:
         ``{"image": float32 (1, ph, pw), "label": int64 (1, ph, pw) in 0..3}``, ``(ph, pw) = patch_size``.
@@ -146,13 +146,13 @@ class TrainSliceDataset(torch.utils.data.Dataset):
         data_cfg: DataConfig,
         divisor: int,
         seed: int,
-        runs_dir: str | Path = "runs",
+        cache_dir: str | Path = DEFAULT_CACHE,
     ) -> None:
         check_divisible(data_cfg.patch_size, divisor)
         if not records:
             raise DataError("no training volumes: the record list is empty")
         self.records = list(records)
-        self.volumes = preprocessed_volumes(self.records, data_cfg, divisor, True, runs_dir)
+        self.volumes = preprocessed_volumes(self.records, data_cfg, divisor, True, cache_dir)
         self.index = [(v, z) for v, record in enumerate(self.records) for z in range(_slice_count(record))]
         self.transform = train_slice_transforms(data_cfg)
         self.transform.set_random_state(seed=seed)
@@ -183,7 +183,7 @@ class VolumeDataset(Sequence):
         records: volumes (labels optional: items of unlabelled records have no ``"label"``).
         data_cfg: the ``data`` config section (spacing, percentiles, cache).
         divisor: X and Y are padded to a multiple of it (the network's total stride).
-        runs_dir: runs folder, for the disk cache when ``data_cfg.cache_dir`` is null.
+        cache_dir: the cache folder (``Config.cache_dir``), for ``data.cache: disk``.
 
     Items:
         ``"image"``: MetaTensor (1, H, W, Z) float32, preprocessed; its ``affine`` is the preprocessed
@@ -197,7 +197,7 @@ class VolumeDataset(Sequence):
         records: Sequence[VolumeRecord],
         data_cfg: DataConfig,
         divisor: int,
-        runs_dir: str | Path = "runs",
+        cache_dir: str | Path = DEFAULT_CACHE,
     ) -> None:
         self.records = list(records)
         labelled = [r for r in self.records if r.label is not None]
@@ -209,8 +209,8 @@ class VolumeDataset(Sequence):
             self._where.append((has_label, counters[has_label]))
             counters[has_label] += 1
         self._sources = {
-            True: preprocessed_volumes(labelled, data_cfg, divisor, True, runs_dir) if labelled else None,
-            False: preprocessed_volumes(unlabelled, data_cfg, divisor, False, runs_dir)
+            True: preprocessed_volumes(labelled, data_cfg, divisor, True, cache_dir) if labelled else None,
+            False: preprocessed_volumes(unlabelled, data_cfg, divisor, False, cache_dir)
             if unlabelled
             else None,
         }

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from acdc_prune.config import DataConfig
+from acdc_prune.config import DEFAULT_CACHE, DataConfig
 from acdc_prune.data.nifti import NIFTI_SUFFIXES
 from acdc_prune.errors import DataError
 
@@ -252,27 +252,19 @@ def discover(root: str | Path, layout: str = "auto", require_labels: bool = Fals
     return discover_with(root, layout, require_labels, _raise)
 
 
-def resolve_cache_dir(data_cfg: DataConfig, runs_dir: str | Path) -> Path:
-    """The cache folder: ``data_cfg.cache_dir`` or ``<runs_dir>/.cache``."""
-    return Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else Path(runs_dir) / ".cache"
-
-
 def load_records(
-    data_cfg: DataConfig, runs_dir: str | Path, require_labels: bool = True
+    data_cfg: DataConfig, cache_dir: str | Path = DEFAULT_CACHE, require_labels: bool = True
 ) -> list[VolumeRecord]:
     """Records of the configured data set: ``data_cfg.root``, or the phantom when the root is null.
 
     Args:
         data_cfg: the ``data`` config section (root, layout, phantom_patients, phantom_seed, cache_dir).
-        runs_dir: runs folder; the phantom is generated once under ``<runs_dir>/.cache`` unless
-            ``data_cfg.cache_dir`` names another folder.
+        cache_dir: the cache folder (``Config.cache_dir``); the phantom is generated there once.
         require_labels: refuse volumes without a label.
     """
     from acdc_prune.data.phantom import phantom_root
 
     if data_cfg.root is None:
-        root = phantom_root(
-            resolve_cache_dir(data_cfg, runs_dir), data_cfg.phantom_patients, data_cfg.phantom_seed
-        )
+        root = phantom_root(Path(cache_dir), data_cfg.phantom_patients, data_cfg.phantom_seed)
         return discover(root, "acdc", require_labels)
     return discover(data_cfg.root, data_cfg.layout, require_labels)

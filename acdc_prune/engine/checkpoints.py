@@ -1,7 +1,8 @@
-"""Checkpoints: atomic save, safe load, validation, and rebuilding the (possibly pruned) model."""
+"""Checkpoints: the ``Checkpoint`` type that opens, rebuilds and atomically saves a (pruned) model."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,42 +13,11 @@ from acdc_prune.config import Config, config_from_dict
 from acdc_prune.errors import AcdcPruneError, CheckpointError
 from acdc_prune.io import atomic_torch_save, safe_torch_load
 from acdc_prune.models import build_model
+from acdc_prune.pruning import PruningPlan, apply_plan
 
 FORMAT = "acdc-prune-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "model", "config", "epoch")
-
-
-def save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    config: Config,
-    *,
-    epoch: int,
-    state: dict[str, Any] | None = None,
-    plan_json: str | None = None,
-) -> None:
-    """Write a checkpoint atomically (a crash never leaves a truncated file).
-
-    Args:
-        path: destination ``.pt`` file.
-        model: the network whose ``state_dict`` is stored.
-        config: the run's resolved config, stored as a plain dict.
-        epoch: number of completed epochs.
-        state: further plain entries (optimiser, scheduler and scaler state dicts, best Dice, history).
-        plan_json: JSON pruning plan when ``model`` is a pruned network; loading rebuilds it from the plan.
-    """
-    checkpoint = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": model.state_dict(),
-        "config": config.to_dict(),
-        "epoch": int(epoch),
-        **(state or {}),
-    }
-    if plan_json is not None:
-        checkpoint["plan"] = plan_json
-    atomic_torch_save(Path(path), checkpoint)
 
 
 def resolve_checkpoint(path_or_run_dir: str | Path, name: str = "best") -> Path:
@@ -96,14 +66,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def checkpoint_config(checkpoint: dict[str, Any], path: str | Path) -> Config:
-    """The :class:`Config` stored in a checkpoint read by :func:`read_checkpoint`."""
-    try:
-        return config_from_dict(checkpoint["config"])
-    except AcdcPruneError as err:
-        raise CheckpointError(f"{path}: stored config is invalid ({err})") from None
-
-
 def _check_fits(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, name: str) -> None:
     """Refuse a state dict whose keys or shapes differ from ``model``'s, naming the first difference."""
     expected = model.state_dict()
@@ -127,44 +89,121 @@ def _check_fits(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Pat
     raise CheckpointError(f"checkpoint {path} does not fit model '{name}': {first}{more}")
 
 
-def rebuild_model(checkpoint: dict[str, Any], config: Config, path: str | Path) -> nn.Module:
-    """Build the architecture a checkpoint was saved from and load its weights (on the CPU).
+@dataclass
+class Checkpoint:
+    """A saved network: its config, weights, epoch, pruning plan and training state.
 
-    A checkpoint with a ``plan`` entry holds a pruned network: the full architecture is built from
-    ``config.model`` and shrunk with ``acdc_prune.pruning.apply_plan`` before the weights load.
+    The one way to open, rebuild and save a model. Files are plain data (``torch.load`` with
+    ``weights_only=True``), written atomically; a pruned network is stored as its plan against the
+    architecture of ``config.model`` plus the pruned weights, so rebuilding needs no pickled module.
 
-    Raises:
-        CheckpointError: the weights do not fit the architecture (other network, widths or plan).
+    Attributes:
+        config: the run's resolved config.
+        weights: the network's ``state_dict``.
+        epoch: completed training epochs.
+        plan: the pruning plan of a pruned network (against ``config.model``), else ``None``.
+        state: further entries: ``optimizer``, ``scheduler``, ``scaler`` (state dicts), ``history``
+            (one dict per epoch), ``best_dice``, ``best_epoch``.
+        path: the file it was opened from or last saved to, else ``None``.
     """
-    path = Path(path)
-    model = build_model(config.model)
-    if "plan" in checkpoint:
-        from acdc_prune.pruning import PruningPlan, apply_plan
 
+    config: Config
+    weights: dict[str, torch.Tensor]
+    epoch: int
+    plan: PruningPlan | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def open(cls, path_or_run_dir: str | Path, name: str = "best") -> Checkpoint:
+        """Read ``path_or_run_dir`` (a ``.pt`` file, or a run folder's ``<name>.pt``) and check it.
+
+        Raises:
+            CheckpointError: missing, truncated, foreign, newer than this version, with an invalid
+                config or plan, or an ONNX (quantized) model (one-line message naming the file).
+        """
+        from acdc_prune.engine.quantize import refuse_onnx_model
+
+        refuse_onnx_model(path_or_run_dir)  # quantized models are evaluated, not trained or pruned
+        path = resolve_checkpoint(path_or_run_dir, name)
+        raw = read_checkpoint(path)
         try:
-            model = apply_plan(model, PruningPlan.from_json(checkpoint["plan"]))
+            config = config_from_dict(raw.pop("config"))
         except AcdcPruneError as err:
-            raise CheckpointError(f"{path}: its pruning plan does not apply to the model ({err})") from None
-    _check_fits(model, checkpoint["model"], path, config.model.name)
-    model.load_state_dict(checkpoint["model"])
-    return model
+            raise CheckpointError(f"{path}: stored config is invalid ({err})") from None
+        plan_text = raw.pop("plan", None)
+        try:
+            plan = PruningPlan.from_json(plan_text) if plan_text is not None else None
+        except AcdcPruneError as err:
+            raise CheckpointError(f"{path}: its pruning plan is invalid ({err})") from None
+        weights, epoch = raw.pop("model"), int(raw.pop("epoch"))
+        state = {k: v for k, v in raw.items() if k not in ("format", "version")}
+        return cls(config, weights, epoch, plan, state, path)
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        config: Config,
+        *,
+        epoch: int,
+        plan: PruningPlan | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> Checkpoint:
+        """A checkpoint of a live ``model`` (its current ``state_dict``, not a copy)."""
+        return cls(config, model.state_dict(), int(epoch), plan, dict(state or {}))
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The folder of the file (a run or pruned child folder), or ``None`` before saving."""
+        return self.path.parent if self.path is not None else None
+
+    @property
+    def label(self) -> str:
+        """How messages name this checkpoint: its path, or ``"the checkpoint"`` before saving."""
+        return str(self.path) if self.path is not None else "the checkpoint"
+
+    def build_model(self) -> nn.Module:
+        """The network on the CPU with these weights: ``config.model`` built, shrunk by ``plan``.
+
+        Raises:
+            CheckpointError: the plan does not apply, or the weights do not fit the architecture.
+        """
+        model = build_model(self.config.model)
+        if self.plan is not None:
+            try:
+                model = apply_plan(model, self.plan)
+            except AcdcPruneError as err:
+                raise CheckpointError(
+                    f"{self.label}: its pruning plan does not apply to the model ({err})"
+                ) from None
+        _check_fits(model, self.weights, self.label, self.config.model.name)
+        model.load_state_dict(self.weights)
+        return model
+
+    def save(self, path: str | Path) -> Path:
+        """Write the checkpoint to ``path`` atomically (a crash never leaves a truncated file)."""
+        path = Path(path)
+        content = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.weights,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            **self.state,
+        }
+        if self.plan is not None:
+            content["plan"] = self.plan.to_json()
+        atomic_torch_save(path, content)
+        self.path = path
+        return path
 
 
-def load_model(path_or_run_dir: str | Path, name: str = "best") -> tuple[nn.Module, Config, dict[str, Any]]:
-    """Load a trained (or pruned and retrained) model from a checkpoint file or a run folder.
-
-    Args:
-        path_or_run_dir: a ``.pt`` file, or a run folder (its ``<name>.pt`` is used).
-        name: checkpoint inside a run folder; ``best`` by default.
-
-    Returns:
-        ``(model, config, checkpoint)``: the network on the CPU with its weights, the run's config, and
-        the raw checkpoint dict (``epoch``, ``best_dice``, optional ``plan``...).
+def load_model(path_or_run_dir: str | Path, name: str = "best") -> tuple[nn.Module, Config, Checkpoint]:
+    """Shorthand of ``Checkpoint.open`` + ``build_model``: ``(model on the CPU, config, checkpoint)``.
 
     Raises:
         CheckpointError: missing, truncated, foreign, or of another architecture (one-line message).
     """
-    path = resolve_checkpoint(path_or_run_dir, name)
-    checkpoint = read_checkpoint(path)
-    config = checkpoint_config(checkpoint, path)
-    return rebuild_model(checkpoint, config, path), config, checkpoint
+    checkpoint = Checkpoint.open(path_or_run_dir, name)
+    return checkpoint.build_model(), checkpoint.config, checkpoint

@@ -18,20 +18,18 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from rich.console import Console
-from rich.progress import track
-from rich.table import Table
 from torch import nn
 
 from acdc_prune.config import EvaluationConfig
 from acdc_prune.data import load_label
 from acdc_prune.data.nifti import NIFTI_SUFFIXES, open_nifti, read_volume, true_affine, write_nifti
-from acdc_prune.engine.clinical import INDICES, clinical_agreement, clinical_indices
+from acdc_prune.engine.clinical import clinical_agreement, clinical_indices
 from acdc_prune.engine.cost import model_cost
-from acdc_prune.engine.inference import keep_largest_components, original_labels, predict_volume
 from acdc_prune.engine.metrics import STRUCTURES, mean_foreground_dice, volume_metrics
 from acdc_prune.engine.precision import resolve_precision
-from acdc_prune.errors import AcdcPruneError, DataError
+from acdc_prune.engine.progress import LogReporter, Reporter
+from acdc_prune.engine.segment import N_CLASSES, segment
+from acdc_prune.errors import DataError
 from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 SCORES: tuple[str, ...] = ("dice", "iou", "precision", "recall", "hd", "slice_dice")
@@ -69,16 +67,10 @@ def case_name(image: Path) -> str:
     return name.removesuffix("_0000")
 
 
-def _check_classes(n_classes: int, gt: np.ndarray, label_path: Path | None) -> None:
-    """Refuse a network whose output classes do not match ACDC's labels."""
-    expected = len(STRUCTURES) + 1
-    if n_classes != expected:
-        raise AcdcPruneError(
-            f"the model predicts {n_classes} classes but evaluation needs {expected} "
-            "(0 background, 1 RV, 2 MYO, 3 LV): check model.out_channels"
-        )
-    if gt.size and int(gt.max()) >= n_classes:
-        raise DataError(f"{label_path}: label {int(gt.max())} is outside the model's {n_classes} classes")
+def _check_labels(gt: np.ndarray, label_path: Path | None) -> None:
+    """Refuse a label file with values beyond ACDC's four classes."""
+    if gt.size and int(gt.max()) >= N_CLASSES:
+        raise DataError(f"{label_path}: label {int(gt.max())} is outside the model's {N_CLASSES} classes")
 
 
 def _aggregate(values: pd.Series) -> dict[str, float | int | None]:
@@ -159,7 +151,7 @@ def _volume_row(record: Any, metrics: dict[str, dict[str, float | None]]) -> dic
     return row
 
 
-def _number(value: float | None, fmt: str) -> str:
+def number_text(value: float | None, fmt: str) -> str:
     """``value`` formatted with ``fmt``, or an en dash when it is undefined (``None`` or NaN)."""
     return "–" if value is None or math.isnan(value) else format(value, fmt)
 
@@ -227,28 +219,52 @@ def _overlay_indices(n_volumes: int, count: int) -> set[int]:
     return {int(i) for i in np.linspace(0, n_volumes - 1, min(count, n_volumes)).round()}
 
 
+def _write_volume_files(
+    out_dir: Path,
+    row: dict[str, Any],
+    record: Any,
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Any,
+    *,
+    save: bool,
+    overlay: bool,
+) -> None:
+    """The prediction NIfTI (when ``save``) and the overlay PNG (when ``overlay``) of one volume."""
+    if save:
+        affine = true_affine(open_nifti(record.image))
+        write_nifti(out_dir / "predictions" / f"{row['case']}.nii.gz", pred, affine)
+    if overlay:
+        image, _ = read_volume(record.image)
+        dice = ", ".join(f"{name} {number_text(row[f'{name}_dice'], '.3f')}" for name in STRUCTURES.values())
+        title = f"{row['case']} ({record.phase or 'no phase'}): Dice {dice}"
+        save_overlay(out_dir / "overlays" / f"{row['case']}.png", image, gt, pred, spacing, title)
+
+
 def evaluate_model(
     model: nn.Module,
     volume_dataset: Sequence[dict[str, Any]],
     eval_cfg: EvaluationConfig,
     out_dir: Path | None,
     device: torch.device | str = "cpu",
-    console: Console | None = None,
-    progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> EvaluationResult:
     """Score ``model`` on every labelled volume of ``volume_dataset`` in the volumes' original geometry.
+
+    Every volume goes through :func:`~acdc_prune.engine.segment.segment` in
+    ``evaluation.precision`` with the configured post-processing, then is scored against its label.
 
     Args:
         model: 2D network, ``(B, C_in, H, W) -> (B, 4, H, W)`` logits; it is moved to ``device``.
         volume_dataset: items ``{"image": (C_in, H, W, D) preprocessed, "record": VolumeRecord, ...}``
             as produced by :class:`acdc_prune.data.VolumeDataset`; every record needs a label.
-        eval_cfg: Hausdorff percentile, inference batch size, overlays, predictions, latency settings.
+        eval_cfg: Hausdorff percentile, inference batch size, precision, post-processing, overlays,
+            predictions, latency settings.
         out_dir: folder for ``per_volume.csv``, ``clinical.csv``, ``summary.json``, ``overlays/*.png``
             and, with ``eval_cfg.save_predictions``, ``predictions/<case>.nii.gz`` (labels in the
             original grid with the image's affine); ``None`` writes nothing.
         device: where inference runs (cost adds CUDA figures when it is a GPU).
-        console: rich console of the progress bar.
-        progress: show a progress bar.
+        reporter: receives the ``volumes`` progress bar.
 
     Returns:
         The :class:`EvaluationResult`.
@@ -259,6 +275,7 @@ def evaluate_model(
     """
     if len(volume_dataset) == 0:
         raise DataError("no volumes to evaluate")
+    reporter = reporter or LogReporter()
     device = torch.device(device)
     out_dir = Path(out_dir) if out_dir is not None else None
     precision = resolve_precision(eval_cfg.precision, eval_cfg.channels_last, device, "evaluation")
@@ -266,38 +283,32 @@ def evaluate_model(
     overlay_at = _overlay_indices(len(volume_dataset), eval_cfg.overlays) if out_dir is not None else set()
     rows = []
     in_channels = 0
-    steps = track(
-        range(len(volume_dataset)),
-        description="Evaluating",
-        console=console,
-        disable=not progress,
-        transient=True,
-    )
-    for index in steps:
+    reporter.start("volumes", len(volume_dataset), description="Evaluating")
+    for index in range(len(volume_dataset)):
         item = volume_dataset[index]
         record = item["record"]
         if record.label is None:
             raise DataError(f"{record.image}: no label file; evaluation needs a labelled data set")
         in_channels = int(item["image"].shape[0])
-        probs = predict_volume(model, item["image"], eval_cfg.batch_size, device, precision)
+        pred = segment(
+            model,
+            item,
+            batch_size=eval_cfg.batch_size,
+            device=device,
+            precision=precision,
+            largest_component=eval_cfg.largest_component,
+        )
         gt, spacing = load_label(record)
-        _check_classes(probs.shape[0], gt, record.label)
-        pred = original_labels(probs, item)
-        if eval_cfg.largest_component:
-            pred = keep_largest_components(pred)
-        metrics = volume_metrics(pred, gt, spacing, eval_cfg.hd_percentile)
-        row = _volume_row(record, metrics)
+        _check_labels(gt, record.label)
+        row = _volume_row(record, volume_metrics(pred, gt, spacing, eval_cfg.hd_percentile))
         rows.append(row)
-        if out_dir is None:
-            continue
-        if eval_cfg.save_predictions:
-            affine = true_affine(open_nifti(record.image))
-            write_nifti(out_dir / "predictions" / f"{row['case']}.nii.gz", pred, affine)
-        if index in overlay_at:
-            image, _ = read_volume(record.image)
-            dice = ", ".join(f"{name} {_number(row[f'{name}_dice'], '.3f')}" for name in STRUCTURES.values())
-            title = f"{row['case']} ({record.phase or 'no phase'}): Dice {dice}"
-            save_overlay(out_dir / "overlays" / f"{row['case']}.png", image, gt, pred, spacing, title)
+        if out_dir is not None:
+            overlay = index in overlay_at
+            _write_volume_files(
+                out_dir, row, record, pred, gt, spacing, save=eval_cfg.save_predictions, overlay=overlay
+            )
+        reporter.update("volumes", index + 1)
+    reporter.finish("volumes")
     per_volume = pd.DataFrame(rows)
     clinical = clinical_indices(per_volume)
     summary = summarize(per_volume, eval_cfg.hd_percentile)
@@ -307,103 +318,3 @@ def evaluate_model(
         atomic_write_text(out_dir / "clinical.csv", clinical.to_csv(index=False))
         atomic_write_json(out_dir / "summary.json", summary)
     return EvaluationResult(per_volume=per_volume, summary=summary, clinical=clinical, out_dir=out_dir)
-
-
-def _cell(aggregate: dict[str, Any], digits: int) -> str:
-    """``mean ± std`` of an aggregate, with the count of excluded volumes when there are any."""
-    if aggregate["mean"] is None:
-        text = "–"
-    elif aggregate["std"] is None:
-        text = f"{aggregate['mean']:.{digits}f}"
-    else:
-        text = f"{aggregate['mean']:.{digits}f} ± {aggregate['std']:.{digits}f}"
-    if aggregate["excluded"]:
-        text += f" [dim]({aggregate['excluded']} excl.)[/]"
-    return text
-
-
-def summary_table(result: EvaluationResult) -> Table:
-    """Rich table of the segmentation metrics per structure and phase (mean ± sd over volumes)."""
-    summary = result.summary
-    percentile = summary["hd_percentile"]
-    table = Table(title=f"Segmentation metrics ({summary['n_volumes']} volumes, original geometry)")
-    headers = {
-        "dice": "Dice",
-        "iou": "IoU",
-        "precision": "Precision",
-        "recall": "Recall",
-        "hd": f"HD{percentile:g} (mm)",
-        "slice_dice": "Slice Dice",
-    }
-    table.add_column("Structure")
-    table.add_column("Phase")
-    for metric in SCORES:
-        table.add_column(headers[metric], justify="right")
-    groups = [(phase, summary["phases"][phase]) for phase in PHASES if phase in summary["phases"]]
-    groups.append(("all", summary["all"]))
-    for name in STRUCTURES.values():
-        for phase, group in groups:
-            metrics = group[name]
-            table.add_row(
-                name,
-                phase,
-                *(_cell(metrics[metric], 2 if metric == "hd" else 3) for metric in SCORES),
-                end_section=phase == "all",
-            )
-    table.caption = (
-        f"mean Dice {_number(summary['mean_dice'], '.3f')}, "
-        f"mean HD{percentile:g} {_number(summary['mean_hd'], '.2f')} mm"
-    )
-    return table
-
-
-def clinical_table(result: EvaluationResult) -> Table:
-    """Rich table of the clinical indices' agreement with the ground truth over patients."""
-    table = Table(title="Clinical indices (prediction vs ground truth)")
-    for column in ("Index", "Unit", "n", "MAE", "Bias", "95% limits", "Pearson r"):
-        table.add_column(column, justify="left" if column in ("Index", "Unit") else "right")
-
-    for index in INDICES:
-        stats = result.summary["clinical"][index]
-        limits = f"{stats['loa_low']:.1f} to {stats['loa_high']:.1f}" if stats["loa_low"] is not None else "–"
-        table.add_row(
-            index,
-            str(stats["unit"]),
-            str(stats["n"]),
-            _number(stats["mae"], ".1f"),
-            _number(stats["bias"], "+.1f"),
-            limits,
-            _number(stats["pearson_r"], ".3f"),
-        )
-    return table
-
-
-def cost_table(result: EvaluationResult) -> Table:
-    """Rich table of the model's size, compute, latency and peak memory for one slice."""
-    cost = result.summary["cost"]
-    shape = "x".join(str(s) for s in cost["input_shape"])
-    table = Table(title=f"Model cost (one slice, input {shape})", show_header=False)
-    table.add_column("", justify="left")
-    table.add_column("", justify="right")
-    table.add_row("Parameters", f"{cost['params'] / 1e6:.3f} M")
-    table.add_row("MACs", f"{cost['macs'] / 1e9:.3f} G")
-    for key in ("latency_cpu", "latency_cuda"):
-        if key in cost:
-            latency = cost[key]
-            threads = f", {latency['threads']} threads" if "threads" in latency else ""
-            if "load_average" in latency:
-                threads += f", load {latency['load_average']:.1f}"
-            table.add_row(
-                f"Latency {latency['device']}{threads}",
-                f"{latency['median_ms']:.2f} ms (IQR {latency['iqr_ms']:.2f}, n={latency['repeats']})",
-            )
-    memory = cost["peak_memory"]
-    table.add_row(f"Peak memory ({memory['device']})", f"{memory['bytes'] / 2**20:.1f} MiB")
-    return table
-
-
-def print_evaluation(result: EvaluationResult, console: Console) -> None:
-    """Print the segmentation, clinical and cost tables to ``console``."""
-    console.print(summary_table(result))
-    console.print(clinical_table(result))
-    console.print(cost_table(result))

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import math
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
-from acdc_prune.errors import ConfigError, ExportError
+from acdc_prune.errors import ConfigError, ExportError, Hint
 from acdc_prune.io import atomic_write_bytes, atomic_write_json
 
 SUFFIXES: dict[str, str] = {
@@ -327,9 +326,9 @@ def refuse_existing(path: Path, force: bool) -> None:
     """Raise :class:`ExportError` when ``path`` or its ``.json`` exists and ``force`` is not set."""
     for candidate in (path, sidecar_path(path)):
         if candidate.is_dir():
-            raise ExportError(f"{candidate} is a folder; give a file name with --out")
+            raise ExportError(f"{candidate} is a folder; give a file name", Hint("out"))
         if candidate.exists() and not force:
-            raise ExportError(f"{candidate} already exists; pass --force to replace it")
+            raise ExportError(f"{candidate} already exists", Hint("force"))
 
 
 def _serialise(fmt: str, model: nn.Module, example: torch.Tensor, stride: int, opset: int) -> bytes:
@@ -488,18 +487,19 @@ def export_checkpoint(
         CheckpointError: no checkpoint there, or not one of ours.
         ConfigError, ExportError: as for :func:`export_model`.
     """
-    from acdc_prune.engine.checkpoints import load_model, resolve_checkpoint
+    from acdc_prune.engine.checkpoints import Checkpoint
     from acdc_prune.models import total_stride
 
-    source = resolve_checkpoint(path_or_run_dir, checkpoint)
+    opened = Checkpoint.open(path_or_run_dir, checkpoint)
+    source = opened.path
     target = default_export_path(source, fmt)
     if out is not None:
         target = Path(out) / target.name if Path(out).is_dir() else Path(out)
     if check_format(fmt) == "weights":
         return export_weights(source, target, force=force)
-    model, config, _ = load_model(source)
+    config = opened.config
     return export_model(
-        model,
+        opened.build_model(),
         fmt,
         target,
         stride=total_stride(config.model),
@@ -514,7 +514,7 @@ def export_checkpoint(
 def export_weights(source: Path, out: Path, *, force: bool = False) -> ExportResult:
     """Write a checkpoint's network alone: weights, config and pruning plan, without training state.
 
-    The result is an acdc-prune checkpoint (``load_model``, ``acdc-prune evaluate`` and MONAI's
+    The result is an acdc-prune checkpoint (``Checkpoint.open``, ``acdc-prune evaluate`` and MONAI's
     ``CheckpointLoader`` with ``load_dict={"model": net}`` read it) about a third the size of a
     training checkpoint, which also holds the optimiser's moments. A pruned network's plan is also
     written as ``plan.json`` beside it, for reading. The network rebuilt from the exact bytes to be
@@ -532,23 +532,22 @@ def export_weights(source: Path, out: Path, *, force: bool = False) -> ExportRes
         CheckpointError: ``source`` is not an acdc-prune checkpoint.
         ExportError: an output exists without ``force``, or the rebuilt network differs.
     """
-    from acdc_prune.engine.checkpoints import checkpoint_config, read_checkpoint, rebuild_model
+    from acdc_prune.engine.checkpoints import Checkpoint
     from acdc_prune.models import total_stride
 
     out = Path(out)
     refuse_existing(out, force)
     plan_file = out.with_name("plan.json")
-    stored = read_checkpoint(source)
-    if "plan" in stored:
+    stored = Checkpoint.open(source)
+    if stored.plan is not None:
         refuse_existing(plan_file, force)
-    kept = ("format", "version", "model", "config", "epoch", "best_dice", "best_epoch", "plan")
-    weights = {key: stored[key] for key in kept if key in stored}
-    buffer = io.BytesIO()
-    torch.save(weights, buffer)
-    data = buffer.getvalue()
-    config = checkpoint_config(stored, source)
-    model = rebuild_model(stored, config, source)
-    reloaded = rebuild_model(torch.load(io.BytesIO(data), weights_only=True), config, out)
+    kept = {key: stored.state[key] for key in ("best_dice", "best_epoch") if key in stored.state}
+    slim = Checkpoint(stored.config, stored.weights, stored.epoch, stored.plan, kept)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = slim.save(Path(scratch) / out.name).read_bytes()
+        reloaded = Checkpoint.open(Path(scratch) / out.name).build_model()
+    config = stored.config
+    model = stored.build_model()
     stride = total_stride(config.model)
     shapes = check_shapes(stride, config.model.in_channels, config.data.patch_size)
     found = deviations(model, reloaded.eval(), shapes)
@@ -558,31 +557,13 @@ def export_weights(source: Path, out: Path, *, force: bool = False) -> ExportRes
         "exporter": "acdc-prune weights-only checkpoint",
         "torch": torch.__version__,
         "checkpoint": str(source),
-        "epoch": stored["epoch"],
+        "epoch": stored.epoch,
     }
     result = _export_result(
         "weights", model, out, data, shapes, found, stride, config.model.in_channels, details
     )
     atomic_write_bytes(out, data)
-    if "plan" in stored:
-        atomic_write_bytes(plan_file, stored["plan"].encode())
+    if stored.plan is not None:
+        stored.plan.save(plan_file)
     atomic_write_json(result.json_path, result.to_dict())
     return result
-
-
-def print_export(result: ExportResult, console: Console) -> None:
-    """Print a table of an export to ``console``: file, size, input shape, deviation per check input."""
-    table = Table(title=f"Export ({result.format})", show_header=False)
-    table.add_column("", justify="left")
-    table.add_column("", justify="left", overflow="fold")
-    table.add_row("File", str(result.path))
-    table.add_row("Size", f"{result.size_bytes / 2**20:.2f} MiB")
-    opset = f", opset {result.details['opset']}" if "opset" in result.details else ""
-    table.add_row("Exporter", f"{result.details['exporter']}{opset}, torch {result.details['torch']}")
-    table.add_row("Input shape", " x ".join(str(s) for s in result.input_shape))
-    for check in result.checks:
-        shape = "x".join(str(s) for s in check["input_shape"])
-        table.add_row(f"Max |deviation| at {shape}", f"{check['max_abs_deviation']:.2e}")
-    table.add_row("Max |deviation|", f"{result.max_deviation:.2e} (tolerance {TOLERANCE:g})")
-    table.add_row("Summary", str(result.json_path))
-    console.print(table)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from torch import nn
 
 from acdc_prune.config import Config, apply_overrides, config_from_dict, save_config
+from acdc_prune.engine.progress import Reporter
+from acdc_prune.engine.quantize import open_source
 from acdc_prune.io import staged_dir, unused_path
 
 
@@ -16,7 +17,7 @@ def validation_records(config: Config) -> list[Any]:
     """The validation volumes of the run that ``config`` describes (same data, same seeded split)."""
     from acdc_prune.data import load_records, split_records
 
-    records = load_records(config.data, config.logging.runs_dir)
+    records = load_records(config.data, config.cache_dir)
     return split_records(records, config.data)[1]
 
 
@@ -25,7 +26,7 @@ def evaluate_records(
     config: Config,
     records: list[Any],
     out_dir: Path | None,
-    console: Console,
+    reporter: Reporter | None = None,
 ) -> Any:
     """Score ``model`` on ``records`` with ``config``'s preprocessing and evaluation settings.
 
@@ -35,25 +36,24 @@ def evaluate_records(
             (``training.device``) and the metrics and cost settings (``evaluation``).
         records: labelled volumes (:class:`acdc_prune.data.VolumeRecord`).
         out_dir: folder for the evaluation files, or ``None`` to write nothing.
-        console: where the progress bar goes.
+        reporter: receives the progress.
 
     Returns:
         The :class:`acdc_prune.engine.evaluate.EvaluationResult`.
     """
     from acdc_prune.data import VolumeDataset
+    from acdc_prune.engine.device import resolve_device
     from acdc_prune.engine.evaluate import evaluate_model
-    from acdc_prune.engine.trainer import resolve_device
     from acdc_prune.models import total_stride
 
-    dataset = VolumeDataset(records, config.data, total_stride(config.model))
+    dataset = VolumeDataset(records, config.data, total_stride(config.model), config.cache_dir)
     return evaluate_model(
         model,
         dataset,
         config.evaluation,
         out_dir,
         device=resolve_device(config.training.device),
-        console=console,
-        progress=config.logging.progress,
+        reporter=reporter,
     )
 
 
@@ -64,7 +64,7 @@ def evaluate_folder(
     out: Path | None = None,
     save_predictions: bool = False,
     overrides: list[str] | None = None,
-    console: Console | None = None,
+    reporter: Reporter | None = None,
 ) -> Any:
     """Evaluate the model saved at ``model_path`` on every labelled volume of ``data``.
 
@@ -75,19 +75,17 @@ def evaluate_folder(
         out: output folder (must not exist); default ``<run folder>/eval/<timestamp>``.
         save_predictions: also write the predicted labels as NIfTI in the original geometry.
         overrides: dotted overrides of the stored config (``evaluation.*``, ``training.device``...).
-        console: rich console for progress and the result tables.
+        reporter: receives the progress.
 
     Returns:
         The :class:`acdc_prune.engine.evaluate.EvaluationResult`. The output folder (with the resolved
         ``config.yaml``) appears only once every file in it is written.
     """
     from acdc_prune.data import discover
-    from acdc_prune.engine.checkpoints import load_model
-    from acdc_prune.engine.evaluate import print_evaluation
 
-    console = console or Console()
-    model, config, _ = load_model(model_path)
-    config = config_from_dict(apply_overrides(config.to_dict(), overrides or []))
+    source = open_source(model_path)  # a checkpoint, or an ONNX / int8 model
+    model = source.build_model()  # refused here, before any folder appears, when it does not fit
+    config = config_from_dict(apply_overrides(source.config.to_dict(), overrides or []))
     config.evaluation.save_predictions = config.evaluation.save_predictions or save_predictions
     if data is None:
         records = validation_records(config)
@@ -97,8 +95,6 @@ def evaluate_folder(
     out = out or unused_path(run_dir / "eval")
     with staged_dir(out) as staging:
         save_config(config, staging / "config.yaml")
-        result = evaluate_records(model, config, records, staging, console)
+        result = evaluate_records(model, config, records, staging, reporter)
     result.out_dir = out
-    print_evaluation(result, console)
-    console.print(f"results in [bold]{out}[/]")
     return result

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
-from acdc_prune.experiments.prune import block_of, layer_widths, plan_for, size_change
+from acdc_prune.engine.checkpoints import Checkpoint
+from acdc_prune.experiments.planning import plan_for, size_change
 from acdc_prune.experiments.report import pyplot
 from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text, staged_dir, unused_path
 from acdc_prune.pruning import filter_norms
 from acdc_prune.pruning.importance import filter_weights
+from acdc_prune.pruning.summary import block_of, layer_widths
 
 
 def norm_statistics(model: nn.Module) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
@@ -111,43 +112,56 @@ def preview_ratios(model: nn.Module, config: Any, ratios: dict[str, float]) -> d
     """
     from acdc_prune.pruning import apply_plan
 
-    plan, shape = plan_for(model, config, ratios)
+    planned = plan_for(model, config, ratios)
     return {
         "ratios": ratios,
-        **size_change(model, apply_plan(model, plan), shape),
-        "widths": layer_widths(model, plan),
+        "importance": planned.criterion,
+        **size_change(model, apply_plan(model, planned.plan), planned.shape),
+        "widths": layer_widths(model, planned.plan),
     }
 
 
+@dataclass
+class InspectResult:
+    """What :func:`inspect_run` wrote and found.
+
+    Attributes:
+        out_dir: the inspection folder.
+        blocks: parameters per block (``block``, ``params``, ``share_pct``, ``max_width``).
+        preview: params and MACs before/after the previewed ratios, or ``None``.
+    """
+
+    out_dir: Path
+    blocks: pd.DataFrame
+    preview: dict[str, Any] | None
+
+
 def inspect_run(
-    run_dir: Path,
+    model_path: Path,
     *,
     ratios: dict[str, float] | None = None,
     checkpoint: str = "best",
     out: Path | None = None,
-    console: Console | None = None,
-) -> Path:
-    """Write the inspection of a run's model to ``out`` (default ``<run>/inspect/<timestamp>``).
+) -> InspectResult:
+    """Write the inspection of a saved model to ``out``.
 
     Files: ``norms.csv`` (per-layer L1/L2 statistics), ``blocks.csv`` (params and share per block),
     ``norm_histograms.png``, ``norm_heatmap.png`` and, with ``ratios``, ``preview.json``.
 
     Args:
-        run_dir: a run folder or a checkpoint file.
+        model_path: a run folder or a checkpoint file.
         ratios: a ratios mapping to preview (params and MACs after), or ``None``.
-        checkpoint: which checkpoint of the run (``best``, ``last``, ``epoch5``...).
-        out: output folder (must not exist).
-        console: rich console for the summary tables.
+        checkpoint: which checkpoint of a run folder (``best``, ``last``, ``epoch5``...).
+        out: output folder (must not exist); default ``<run>/inspect/<timestamp>`` for a run folder
+            and ``<logging.runs_dir>/inspect/<timestamp>`` for a file (never beside a shipped model).
     """
-    from acdc_prune.engine.checkpoints import load_model
-
-    console = console or Console()
-    model, config, _ = load_model(run_dir, checkpoint)
+    source = Checkpoint.open(model_path, checkpoint)
+    model, config = source.build_model(), source.config
     stats, l1 = norm_statistics(model)
     blocks = block_shares(model)
     preview = preview_ratios(model, config, ratios) if ratios is not None else None
-    base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
-    out = out or unused_path(base / "inspect")
+    base = Path(model_path) if Path(model_path).is_dir() else Path(config.logging.runs_dir)
+    out = Path(out) if out is not None else unused_path(base / "inspect")
     with staged_dir(out) as staging:
         atomic_write_text(staging / "norms.csv", stats.to_csv(index=False))
         atomic_write_text(staging / "blocks.csv", blocks.to_csv(index=False))
@@ -155,20 +169,4 @@ def inspect_run(
         plot_heatmap(l1, staging / "norm_heatmap.png")
         if preview is not None:
             atomic_write_json(staging / "preview.json", preview)
-
-    table = Table("block", "params", "share", "max width", title="parameters per block")
-    for _, row in blocks.iterrows():
-        table.add_row(
-            row["block"], f"{int(row['params']):,}", f"{row['share_pct']:.1f}%", str(int(row["max_width"]))
-        )
-    console.print(table)
-    if preview is not None:
-        params, macs = preview["params"], preview["macs"]
-        console.print(
-            f"ratios preview: params {params['before']:,} -> {params['after']:,} "
-            f"({100 * params['after'] / params['before']:.1f}%), "
-            f"MACs {macs['before']:,} -> {macs['after']:,} "
-            f"({100 * macs['after'] / macs['before']:.1f}%)"
-        )
-    console.print(f"inspection in [bold]{out}[/]")
-    return out
+    return InspectResult(out, blocks, preview)

@@ -7,15 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from rich.console import Console
 from torch import nn
 
-from acdc_prune.config import Config, read_yaml, validate_ratios
-from acdc_prune.errors import ConfigError
+from acdc_prune.config import REINIT_MODES, Config, read_yaml, validate_ratios
+from acdc_prune.engine.checkpoints import Checkpoint
+from acdc_prune.engine.progress import Reporter
+from acdc_prune.errors import ConfigError, Hint
+from acdc_prune.experiments.batches import training_batches
+from acdc_prune.experiments.planning import Planned, example_input, plan_for, size_change
 from acdc_prune.io import atomic_save_figure, atomic_write_json, staged_dir, unused_path
-
-REINIT_MODES = ("none", "random", "rewind")
+from acdc_prune.models import build_model
+from acdc_prune.pruning import PruningPlan, apply_plan, compose, recalibrate_batchnorm
+from acdc_prune.pruning.summary import channel_masks, layer_widths, reinitialise
 
 
 def read_ratios(path: str | Path) -> dict[str, float]:
@@ -33,107 +36,6 @@ def read_ratios(path: str | Path) -> dict[str, float]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of block prefixes to ratios, e.g. 'default: 0.25'")
     return validate_ratios(raw, str(path))
-
-
-def example_input(config: Config) -> torch.Tensor:
-    """A deterministic example slice ``(1, in_channels, *patch_size)`` for tracing the network."""
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(1, config.model.in_channels, *config.data.patch_size, generator=generator)
-
-
-def plan_for(model: nn.Module, config: Config, ratios: dict[str, float]) -> tuple[Any, tuple[int, ...]]:
-    """Plan pruning ``model`` by ``ratios`` with ``config.pruning``'s importance and rounding.
-
-    Returns:
-        ``(plan, example_shape)``: the :class:`acdc_prune.pruning.PruningPlan` and the shape of the
-        example slice it was traced with (the shape MACs are counted at).
-    """
-    from acdc_prune.pruning import plan_pruning
-
-    example = example_input(config)
-    plan = plan_pruning(
-        model, example, ratios=ratios, importance=config.pruning.importance, round_to=config.pruning.round_to
-    )
-    return plan, tuple(example.shape)
-
-
-def size_change(original: nn.Module, pruned: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
-    """Parameters and MACs (at input ``shape``) before and after pruning."""
-    from acdc_prune.engine.cost import count_macs, count_parameters
-
-    return {
-        "params": {"before": count_parameters(original), "after": count_parameters(pruned)},
-        "macs": {
-            "before": count_macs(original, shape),
-            "after": count_macs(pruned, shape),
-            "input_shape": list(shape),
-        },
-    }
-
-
-def reinitialise(model: nn.Module, seed: int) -> nn.Module:
-    """Re-draw every weight of ``model`` in place with each layer's own initialiser; reset norm statistics.
-
-    Args:
-        model: the (pruned) network; layers without ``reset_parameters`` keep their tensors.
-        seed: seed of the new weights.
-    """
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if hasattr(module, "reset_running_stats"):
-            module.reset_running_stats()
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return model
-
-
-def block_of(name: str, model: nn.Module) -> str:
-    """The block a layer belongs to: ``encoders.1`` for ``encoders.1.conv1.conv``, ``head`` for ``head``.
-
-    The first path component names the block, or the first two where the first is a container of
-    numbered blocks (``encoders``, ``decoders``, MONAI's ``model``).
-    """
-    parts = name.split(".")
-    first = model.get_submodule(parts[0])
-    numbered = isinstance(first, (nn.ModuleList, nn.Sequential)) and len(parts) > 1 and parts[1].isdigit()
-    return ".".join(parts[:2]) if numbered else parts[0]
-
-
-def layer_widths(model: nn.Module, plan: Any) -> list[dict[str, Any]]:
-    """Output widths before and after pruning of every conv/linear layer, in module order.
-
-    Returns:
-        Rows ``{"layer", "block", "type", "before", "after"}``.
-    """
-    rows = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or weight is None:
-            continue
-        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-        before = int(weight.shape[1] * module.groups if transposed else weight.shape[0])
-        entry = plan.layers.get(name)
-        after = before if entry is None or entry.kept_out is None else len(entry.kept_out)
-        rows.append(
-            {
-                "layer": name,
-                "block": block_of(name, model),
-                "type": type(module).__name__,
-                "before": before,
-                "after": after,
-            }
-        )
-    return rows
-
-
-def channel_masks(widths: list[dict[str, Any]], plan: Any) -> dict[str, list[bool]]:
-    """Per layer, True/False per original output channel (True = kept), as the original work stored."""
-    masks = {}
-    for row in widths:
-        entry = plan.layers.get(row["layer"])
-        kept = set(range(row["before"])) if entry is None or entry.kept_out is None else set(entry.kept_out)
-        masks[row["layer"]] = [index in kept for index in range(row["before"])]
-    return masks
 
 
 def plot_widths(widths: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -175,135 +77,254 @@ class PruneResult:
 
 
 def _initial_weights(
-    trained: nn.Module, plan: Any, reinit: str, rewind_source: tuple[dict, Config, Path] | None, seed: int
+    trained: nn.Module, plan: PruningPlan, reinit: str, rewind_source: Checkpoint | None, seed: int
 ) -> nn.Module:
-    """The pruned network with weights chosen by ``reinit`` (masks always come from ``trained``)."""
-    from acdc_prune.engine.checkpoints import rebuild_model
-    from acdc_prune.pruning import apply_plan
+    """The pruned network with weights chosen by ``reinit`` (masks always come from ``trained``).
 
+    ``none`` and ``lr_rewind`` keep the surviving weights, ``random`` re-draws them, ``rewind``
+    takes them from the early checkpoint.
+    """
     if reinit == "rewind":
-        checkpoint, config, path = rewind_source
-        return apply_plan(rebuild_model(checkpoint, config, path), plan)
+        return apply_plan(rewind_source.build_model(), plan)
     pruned = apply_plan(trained, plan)
     return reinitialise(pruned, seed) if reinit == "random" else pruned
 
 
-def _rewind_checkpoint(run_dir: Path, name: str, trained_config: Config) -> tuple[dict, Config, Path]:
-    """Read the early checkpoint ``name`` of ``run_dir``; it must hold the same architecture."""
-    from acdc_prune.engine.checkpoints import checkpoint_config, read_checkpoint, resolve_checkpoint
+def _rewind_checkpoint(run_dir: Path, name: str, source: Checkpoint) -> Checkpoint:
+    """The early checkpoint ``name`` of ``run_dir``; it must hold the trained model's architecture."""
+    if source.plan is not None:
+        raise ConfigError(
+            f"{source.path} is already pruned and its folder keeps no early checkpoints; "
+            "prune it again with reinit none, random or lr_rewind"
+        )
+    early = Checkpoint.open(run_dir, name)
+    if early.config.model != source.config.model or early.plan is not None:
+        raise ConfigError(
+            f"{early.path} holds another architecture than the trained model; rewind to the same run"
+        )
+    return early
 
-    path = resolve_checkpoint(run_dir, name)
-    checkpoint = read_checkpoint(path)
-    config = checkpoint_config(checkpoint, path)
-    if config.model != trained_config.model or "plan" in checkpoint:
-        raise ConfigError(f"{path} holds another architecture than the trained model; rewind to the same run")
-    return checkpoint, config, path
+
+def _pruning_config(
+    source: Checkpoint, overrides: list[str] | None, ratios: dict[str, float] | None, settings: dict[str, Any]
+) -> Config:
+    """The run's config with ``overrides`` and this pruning's settings (``None`` values keep the config's).
+
+    Raises:
+        ConfigError: bad overrides, an unknown re-initialisation, or ``steps`` above 1 without a target.
+    """
+    from acdc_prune.config import apply_overrides, config_from_dict
+
+    config = config_from_dict(apply_overrides(source.config.to_dict(), overrides or []))
+    if ratios is not None:
+        config.pruning.ratios = ratios
+    for key, value in settings.items():
+        if value is not None:
+            setattr(config.pruning, key, value)
+    if config.pruning.reinit not in REINIT_MODES:
+        raise ConfigError(
+            f"re-initialisation '{config.pruning.reinit}' is not one of {', '.join(REINIT_MODES)}"
+        )
+    if config.pruning.steps > 1 and config.pruning.target is None:
+        raise ConfigError(
+            "pruning.steps needs a target (pruning.target, the fraction of the original to keep)",
+            Hint("pruning.target", 0.1),
+        )
+    return config
+
+
+def _retraining_config(config: Config, trained_epochs: int) -> Config:
+    """The config of retraining: ``pruning.retrain_epochs`` epochs at ``retrain_lr``, or, for learning-rate
+    rewinding, the last ``retrain_epochs`` epochs of the original schedule replayed at its own rates."""
+    retrain = copy.deepcopy(config)
+    retrain.training.epochs = config.pruning.retrain_epochs
+    if config.pruning.reinit == "lr_rewind":
+        retrain.training.schedule_offset = max(0, trained_epochs - config.pruning.retrain_epochs)
+    else:
+        retrain.training.lr = config.pruning.retrain_lr or config.training.lr
+    return retrain
+
+
+def _retrain(
+    pruned: nn.Module,
+    plan: PruningPlan,
+    config: Config,
+    trained_epochs: int,
+    staging: Path,
+    reporter: Reporter | None,
+) -> nn.Module:
+    """Retrain ``pruned`` as ``config.pruning`` says into ``staging`` (or only save it, for 0 epochs);
+    the network of its ``best.pt``."""
+    from acdc_prune.config import save_config
+    from acdc_prune.engine.trainer import train
+
+    if config.pruning.retrain_epochs == 0:
+        save_config(config, staging / "config.yaml")
+        Checkpoint.of(pruned, config, epoch=0, plan=plan).save(staging / "best.pt")
+        return pruned
+    retrain = _retraining_config(config, trained_epochs)
+    result = train(
+        retrain, model=pruned, run_dir=staging, plan=plan, init_checkpoint_epochs=False, reporter=reporter
+    )
+    return result.model
+
+
+def _recalibrate(pruned: nn.Module, config: Config, batches: Any) -> int:
+    """Re-estimate BatchNorm statistics on ``pruning.calibration_batches`` training batches (0 = off)."""
+    count = config.pruning.calibration_batches
+    return recalibrate_batchnorm(pruned, batches(), num_batches=count) if count else 0
+
+
+def _budget_meta(planned: Planned, original_macs: int, pruned_macs: int) -> dict[str, Any]:
+    """What was asked and what was reached, as fractions of the original network."""
+    pruning_target = planned.budget
+    return {
+        "target": None if pruning_target is None else pruning_target.target,
+        "target_metric": None if pruning_target is None else pruning_target.metric,
+        "reached_fraction_of_step": None if pruning_target is None else pruning_target.reached_fraction,
+        "macs_fraction_of_original": pruned_macs / original_macs,
+    }
 
 
 def prune_run(
     run_dir: Path,
-    ratios: dict[str, float],
+    ratios: dict[str, float] | None = None,
     *,
-    reinit: str = "none",
+    reinit: str | None = None,
     rewind_to: str | None = None,
     retrain_epochs: int | None = None,
     retrain_lr: float | None = None,
     checkpoint: Path | None = None,
     out_dir: Path | None = None,
     overrides: list[str] | None = None,
-    console: Console | None = None,
+    reporter: Reporter | None = None,
 ) -> PruneResult:
-    """Prune the trained model of ``run_dir``, re-initialise, evaluate, retrain, evaluate again.
+    """Prune the model of ``run_dir``, re-initialise, recalibrate, evaluate, retrain, evaluate again.
 
-    Every input is checked (ratios against the network, the rewind checkpoint, the config) before
-    anything is written; the child folder only appears, complete, when the whole job succeeded.
+    The plan follows ``config.pruning`` (criterion, scope, ratios or a budget ``target``; pass them
+    as ``overrides`` such as ``pruning.target=0.1``). An already pruned run prunes further: the child
+    records one plan against the original architecture (the parent's plan composed with the new
+    one). With ``pruning.steps`` above 1 the target is reached in that many geometric steps, each a
+    child of the previous with its own retraining; the last one is returned. Every input is checked
+    before anything is written; a child folder only appears, complete, when its job succeeded.
 
     Args:
-        run_dir: a training run folder (``best.pt``, ``config.yaml``, early ``epochN.pt``).
-        ratios: share of filters to remove per module-path prefix plus ``default``.
+        run_dir: a training run folder (``best.pt``, ``config.yaml``, early ``epochN.pt``) or a pruned one.
+        ratios: share of filters to remove per module-path prefix plus ``default`` (default
+            ``pruning.ratios``); unused when a target is set.
         reinit: ``none`` keeps surviving weights, ``random`` re-draws them, ``rewind`` loads the
-            surviving channels of the early checkpoint ``rewind_to`` of the same run.
+            surviving channels of the early checkpoint ``rewind_to`` of the same run, ``lr_rewind``
+            keeps them and replays the end of the original learning-rate schedule (default:
+            ``pruning.reinit``).
         rewind_to: checkpoint name for ``rewind`` (default: the config's ``pruning.rewind_to``).
         retrain_epochs: retraining epochs (default ``pruning.retrain_epochs``); 0 skips retraining.
         retrain_lr: peak retraining learning rate (default ``pruning.retrain_lr`` or ``training.lr``).
         checkpoint: prune this checkpoint instead of ``run_dir/best.pt``.
         out_dir: the child folder to create (default ``run_dir/pruned/<mode>-<timestamp>``).
-        overrides: dotted overrides applied to the run's config for retraining and evaluation.
-        console: rich console.
+        overrides: dotted overrides applied to the run's config for planning, retraining and evaluation.
+        reporter: receives progress of evaluation and retraining.
 
     Returns:
-        :class:`PruneResult`.
+        :class:`PruneResult` of the (last) child.
 
     Raises:
-        PruningError: bad ratio keys or values for this network; CheckpointError: missing or foreign
-            checkpoints (a missing rewind point lists the run's checkpoints); ConfigError: bad mode.
+        PruningError: bad ratio keys or values, an unknown criterion, or an unreachable target;
+            CheckpointError: missing or foreign checkpoints; ConfigError: bad mode or settings.
     """
-    from acdc_prune.config import apply_overrides, config_from_dict, save_config
-    from acdc_prune.engine.checkpoints import load_model, save_checkpoint
-    from acdc_prune.engine.trainer import train
-
-    console = console or Console()
-    if reinit not in REINIT_MODES:
-        raise ConfigError(f"re-initialisation '{reinit}' is not one of {', '.join(REINIT_MODES)}")
-    run_dir = Path(run_dir)
-    trained, config, source = load_model(checkpoint or run_dir)
-    if "plan" in source:
-        raise ConfigError(f"{checkpoint or run_dir} is already pruned; prune its baseline run instead")
-    config = config_from_dict(apply_overrides(config.to_dict(), overrides or []))
-    rewind_to = rewind_to or config.pruning.rewind_to
-    rewind_source = _rewind_checkpoint(run_dir, rewind_to, config) if reinit == "rewind" else None
-    config.pruning.ratios = ratios
-    config.pruning.reinit = reinit
-    config.pruning.rewind_to = rewind_to
-    if retrain_epochs is not None:
-        config.pruning.retrain_epochs = retrain_epochs
-    if retrain_lr is not None:
-        config.pruning.retrain_lr = retrain_lr
-
-    plan, shape = plan_for(trained, config, ratios)
-    pruned = _initial_weights(trained, plan, reinit, rewind_source, config.training.seed)
-    widths = layer_widths(trained, plan)
-    meta = {
-        "source_checkpoint": str(checkpoint or run_dir / "best.pt"),
+    settings = {
         "reinit": reinit,
-        "rewind_to": rewind_to if reinit == "rewind" else None,
-        "ratios": ratios,
-        "importance": config.pruning.importance,
-        **size_change(trained, pruned, shape),
-        "widths": widths,
+        "rewind_to": rewind_to,
+        "retrain_epochs": retrain_epochs,
+        "retrain_lr": retrain_lr,
     }
-    plan_json = plan.to_json()
-    out_dir = Path(out_dir) if out_dir is not None else unused_path(run_dir / "pruned", prefix=f"{reinit}-")
+    source = Checkpoint.open(checkpoint or run_dir)
+    config = _pruning_config(source, overrides, ratios, settings)
+    steps, target = config.pruning.steps, config.pruning.target
+    run_dir = Path(run_dir)
+    for step in range(1, steps + 1):
+        step_config = copy.deepcopy(config)
+        if steps > 1:  # geometric: after step i the network keeps target ** (i / steps) of the original
+            step_config.pruning.target = target ** (step / steps)
+        result = _prune_once(run_dir, source, step_config, out_dir if step == steps else None, reporter)
+        run_dir, source = result.out_dir, Checkpoint.open(result.out_dir)
+    return result
 
+
+def _cost_function(config: Config, shape: tuple[int, ...]) -> Any:
+    """``cost(model)`` in ``pruning.target_metric``: MACs at ``shape``, parameters, or seconds per slice."""
+    from acdc_prune.engine.cost import count_macs, count_parameters, measure_latency
+
+    evaluation = config.evaluation
+    latency_shape = (1, config.model.in_channels, *evaluation.latency_size)
+    costs = {
+        "macs": lambda model: count_macs(model, shape),
+        "params": count_parameters,
+        "latency": lambda model: (
+            measure_latency(model, latency_shape, evaluation.latency_repeats, evaluation.latency_warmup)[
+                "median_ms"
+            ]
+            / 1000
+        ),
+    }
+    return costs[config.pruning.target_metric]
+
+
+def _plan_step(trained: nn.Module, source: Checkpoint, config: Config, batches: Any) -> Planned:
+    """Plan for ``trained``; a target is a fraction of the ORIGINAL network, so for an already pruned
+    source it is divided by the fraction the source keeps already."""
+    planning = copy.deepcopy(config)
+    cost = _cost_function(config, tuple(example_input(config).shape))
+    if config.pruning.target is not None and source.plan is not None:
+        kept = cost(trained) / cost(build_model(config.model))
+        planning.pruning.target = min(1.0, config.pruning.target / kept)
+    measure = cost if config.pruning.target_metric == "latency" else None
+    return plan_for(trained, planning, batches=batches, measure=measure)
+
+
+def _prune_once(
+    run_dir: Path, source: Checkpoint, config: Config, out_dir: Path | None, reporter: Reporter | None
+) -> PruneResult:
+    """One pruning of ``source`` (a trained or already pruned checkpoint) into a child of ``run_dir``."""
     from acdc_prune.experiments.evaluation import evaluate_records, validation_records
 
+    reinit = config.pruning.reinit
+    rewind_source = (
+        _rewind_checkpoint(run_dir, config.pruning.rewind_to, source) if reinit == "rewind" else None
+    )
+    batches = training_batches(config)
+    trained = source.build_model()
+    planned = _plan_step(trained, source, config, batches)
+    plan = planned.plan if source.plan is None else compose(source.plan, planned.plan)
+    pruned = _initial_weights(trained, planned.plan, reinit, rewind_source, config.training.seed)
+    original = build_model(config.model)
+    widths = layer_widths(original, plan)
+    sizes = size_change(original, pruned, planned.shape)
+    meta = {
+        "source_checkpoint": str(source.path),
+        "reinit": reinit,
+        "rewind_to": config.pruning.rewind_to if reinit == "rewind" else None,
+        "ratios": None if config.pruning.target is not None else config.pruning.ratios,
+        "importance": planned.criterion,
+        "scope": "global" if config.pruning.target is not None else config.pruning.scope,
+        **_budget_meta(planned, sizes["macs"]["before"], sizes["macs"]["after"]),
+        **sizes,
+        "widths": widths,
+    }
+    out_dir = Path(out_dir) if out_dir is not None else unused_path(run_dir / "pruned", prefix=f"{reinit}-")
     val_records = validation_records(config)
     with staged_dir(out_dir) as staging:
         plan.save(staging / "plan.json")
         atomic_write_json(staging / "masks.json", channel_masks(widths, plan))
+        plot_widths(
+            widths, staging / "widths.png", f"{run_dir.name}: {reinit}, {sizes['params']['after']:,} params"
+        )
+        meta["batchnorm_recalibrated"] = _recalibrate(pruned, config, batches)
         atomic_write_json(staging / "meta.json", meta)
-        title = f"{run_dir.name}: {reinit}, {meta['params']['after']:,} params"
-        plot_widths(widths, staging / "widths.png", title)
-        before = evaluate_records(pruned, config, val_records, staging / "eval_before", console).summary
-        epochs = config.pruning.retrain_epochs
-        if epochs > 0:
-            retrain = copy.deepcopy(config)
-            retrain.training.epochs = epochs
-            retrain.training.lr = config.pruning.retrain_lr or config.training.lr
-            train(
-                retrain,
-                model=pruned,
-                run_dir=staging,
-                plan_json=plan_json,
-                init_checkpoint_epochs=False,
-                console=console,
-            )
-            final, _, _ = load_model(staging)
-            after = evaluate_records(final, config, val_records, staging / "eval_after", console).summary
-        else:
-            save_config(config, staging / "config.yaml")
-            save_checkpoint(staging / "best.pt", pruned, config, epoch=0, plan_json=plan_json)
-            after = before
+        before = evaluate_records(pruned, config, val_records, staging / "eval_before", reporter).summary
+        final = _retrain(pruned, plan, config, source.config.training.epochs, staging, reporter)
+        after = before
+        if config.pruning.retrain_epochs > 0:
+            after = evaluate_records(final, config, val_records, staging / "eval_after", reporter).summary
         summary = {k: v for k, v in meta.items() if k != "widths"}
         atomic_write_json(staging / "result.json", {"meta": summary, "before": before, "after": after})
     return PruneResult(out_dir=out_dir, meta=meta, before=before, after=after)
