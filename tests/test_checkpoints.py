@@ -1,4 +1,4 @@
-"""The Checkpoint type: round trip, run folders, pruned networks, one-line errors for files that do not fit."""
+"""The Checkpoint type: round trip, run folders, pruned networks, one-line errors for misfit files."""
 
 from __future__ import annotations
 

@@ -102,11 +102,7 @@ def preprocessed_volumes(
                 data, transform, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False
             )
     if data_cfg.cache == "disk":
-        folder = (
-            Path(cache_dir)
-            / "preprocessed"
-            / _settings_key(data_cfg, divisor, with_label)
-        )
+        folder = Path(cache_dir) / "preprocessed" / _settings_key(data_cfg, divisor, with_label)
         folder.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(data, transform, cache_dir=folder, hash_func=_file_hash, track_meta=True)
     return Dataset(data, transform)
