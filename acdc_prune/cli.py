@@ -35,6 +35,12 @@ _state = {"debug": False}
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults fill the rest.")
 ]
+AnyModelArgument = Annotated[
+    Path,
+    typer.Argument(
+        help="Run folder (baseline or pruned), checkpoint file, or int8 model (quantized folder, .onnx)."
+    ),
+]
 TargetOption = Annotated[
     float | None,
     typer.Option(help="Keep this fraction of the original network (0.1 = 10x fewer); a budget, not ratios."),
@@ -227,7 +233,7 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
+    model: AnyModelArgument,
     data: Annotated[
         Path | None,
         typer.Option(help="Labelled data folder (ACDC or nnU-Net); default: the run's validation patients."),
@@ -262,7 +268,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="Run folder (baseline or pruned) or checkpoint file.")],
+    model: AnyModelArgument,
     data: Annotated[
         Path, typer.Option(help="Images to segment (ACDC or nnU-Net layout; labels not needed).")
     ],
