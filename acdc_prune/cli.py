@@ -596,7 +596,8 @@ def demo(
     def body() -> None:
         from acdc_prune.experiments.demo import run_demo
 
-        run_demo(data=data, runs_dir=runs_dir, console=console)
+        report_dir = run_demo(data=data, runs_dir=runs_dir, console=console)
+        _print_sweep_report(report_dir, {}, "demo: validation, after retraining")
 
     _run(body)
 
