@@ -19,11 +19,13 @@ from typing import Any
 import yaml
 
 from acdc_prune.errors import ConfigError
+from acdc_prune.names import NETWORK_NAMES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Values of ``training.precision`` and ``evaluation.precision`` (resolved in ``engine.precision``)."""
-CHANNELS_LAST = ("auto", True, False)
-"""Values of ``training.channels_last`` and ``evaluation.channels_last``."""
+AUTO_BOOL = ("auto", True, False)
+"""Values of a setting that is on, off, or resolved by the program (``auto``): ``*.channels_last``,
+``evaluation.largest_component``."""
 REINIT_MODES = ("none", "random", "rewind", "lr_rewind")
 """Weights of a pruned network: kept, re-drawn, rewound to an early checkpoint, or kept with the
 learning-rate schedule rewound (Renda et al. 2020)."""
@@ -104,17 +106,7 @@ class ModelConfig:
 
     name: str = spec(
         "unet",
-        # The names of acdc_prune.models.registry.NETWORKS (a test keeps them equal); importing the
-        # registry here would load torch and MONAI with every config.
-        choices=(
-            "unet",
-            "monai_unet",
-            "basic_unet",
-            "basic_unet_plus_plus",
-            "attention_unet",
-            "dynunet",
-            "segresnet",
-        ),
+        choices=NETWORK_NAMES,
         doc="the project's U-Net or a MONAI network from the registry",
     )
     in_channels: int = spec(1, ge=1, doc="input channels (1 for cine MRI)")
@@ -151,7 +143,7 @@ class TrainingConfig:
         "auto", choices=PRECISIONS, doc="forward precision: auto (bf16 where native), fp32, bf16, fp16 (CUDA)"
     )
     channels_last: bool | str = spec(
-        "auto", choices=CHANNELS_LAST, doc="channels-last memory format: auto (on with bf16/fp16 or CUDA)"
+        "auto", choices=AUTO_BOOL, doc="channels-last memory format: auto (on with bf16/fp16 or CUDA)"
     )
     device: str = spec("auto", doc="auto, cpu, cuda or cuda:N")
     seed: int = spec(0, ge=0, doc="seed of weights, sampling and augmentation")
@@ -219,10 +211,14 @@ class EvaluationConfig:
     latency_warmup: int = spec(5, ge=0, doc="untimed forward passes before timing")
     latency_size: list[int] = spec(factory=lambda: [224, 224], gt=0, length=2, doc="slice size for latency")
     precision: str = spec("auto", choices=PRECISIONS, doc="inference precision (see training.precision)")
-    channels_last: bool | str = spec("auto", choices=CHANNELS_LAST, doc="inference memory format")
-    largest_component: bool = spec(
-        False, doc="keep only the largest 3D connected component of each structure in predictions"
+    channels_last: bool | str = spec("auto", choices=AUTO_BOOL, doc="inference memory format")
+    largest_component: bool | str = spec(
+        "auto",
+        choices=AUTO_BOOL,
+        doc="keep only the largest 3D connected component of each structure: true, false, or auto (what "
+        "the validation patients chose for the checkpoint during training; off if it holds no choice)",
     )
+    tta: bool = spec(False, doc="test-time mirroring: average the softmax over the 4 in-plane flips of each slice")
 
 
 @dataclass

@@ -54,6 +54,35 @@ def test_slice_probabilities_match_a_per_slice_forward():
     assert net.training
 
 
+def test_mirroring_averages_the_four_flipped_predictions():
+    net = _tiny_net().eval()
+    image = torch.randn(1, 12, 10, 3)
+    probs = predict_probabilities(net, image, batch_size=2, device="cpu", mirror=True)
+    slices = image.permute(3, 0, 1, 2)  # (D, C, H, W)
+    with torch.no_grad():
+        flipped = [net(slices.flip(dims)).softmax(1).flip(dims) for dims in ((), (2,), (3,), (2, 3))]
+    expected = (sum(flipped) / 4).permute(1, 2, 3, 0)
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(probs.sum(0), torch.ones(12, 10, 3))
+    assert not torch.allclose(probs, predict_probabilities(net, image, batch_size=2, device="cpu"))
+
+
+def test_postprocessing_is_chosen_where_it_raises_the_mean_dice():
+    from acdc_prune.engine.validation import postprocessing_choice
+
+    assert postprocessing_choice({"epoch": 4, "dice_mean": 0.90, "dice_mean_largest": 0.91}) == {
+        "largest_component": True,
+        "epoch": 4,
+        "dice_mean": 0.90,
+        "dice_mean_largest": 0.91,
+    }
+    assert (
+        postprocessing_choice({"epoch": 4, "dice_mean": 0.90, "dice_mean_largest": 0.90})["largest_component"]
+        is False
+    )
+    assert postprocessing_choice({"epoch": 3, "dice_mean": None, "dice_mean_largest": None}) is None
+
+
 def test_summary_excludes_and_counts_undefined_values():
     rows = []
     for patient, phase, rv, lv in (("a", "ED", 0.8, 0.9), ("a", "ES", math.nan, 0.7), ("b", "ED", 0.6, 0.95)):
@@ -112,7 +141,7 @@ def test_evaluate_writes_every_output(phantom, tmp_path):
 def test_oracle_probabilities_score_near_perfect_in_original_geometry(phantom, monkeypatch):
     """One-hot of the preprocessed label, mapped back, must agree with the original label file."""
 
-    def oracle(model, image, batch_size, device, precision):
+    def oracle(model, image, batch_size, device, precision, mirror):
         label = next(item["label"] for item in phantom if item["image"] is image)
         return F.one_hot(label[0].as_tensor().long(), 4).permute(3, 0, 1, 2).float()
 

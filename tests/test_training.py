@@ -99,6 +99,14 @@ def test_training_writes_its_outputs_and_the_loss_decreases(tmp_path, tiny_phant
     assert best.epoch == result.best_epoch and best_config == config
     assert read_checkpoint(run / "epoch1.pt")["epoch"] == 1
     assert read_checkpoint(run / "last.pt")["epoch"] == 3
+    # Post-processing is chosen for the best epoch on the validation patients, and resolves "auto".
+    best_row = result.history[result.best_epoch - 1]
+    choice = best.state["postprocessing"]
+    assert choice["dice_mean"] == best_row["dice_mean"] and choice["epoch"] == result.best_epoch
+    assert choice["dice_mean_largest"] == best_row["dice_mean_largest"] is not None
+    assert choice["largest_component"] == (best_row["dice_mean_largest"] > best_row["dice_mean"])
+    assert best.largest_component("auto") is choice["largest_component"]
+    assert best.largest_component(False) is False and best.largest_component(True) is True
 
 
 def _same_tree(a, b) -> bool:

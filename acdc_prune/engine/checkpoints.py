@@ -103,7 +103,8 @@ class Checkpoint:
         epoch: completed training epochs.
         plan: the pruning plan of a pruned network (against ``config.model``), else ``None``.
         state: further entries: ``optimizer``, ``scheduler``, ``scaler`` (state dicts), ``history``
-            (one dict per epoch), ``best_dice``, ``best_epoch``.
+            (one dict per epoch), ``best_dice``, ``best_epoch``, ``postprocessing`` (the choice made on
+            the validation patients for the best epoch, see :meth:`largest_component`).
         path: the file it was opened from or last saved to, else ``None``.
     """
 
@@ -157,6 +158,18 @@ class Checkpoint:
     def run_dir(self) -> Path | None:
         """The folder of the file (a run or pruned child folder), or ``None`` before saving."""
         return self.path.parent if self.path is not None else None
+
+    def largest_component(self, setting: bool | str) -> bool:
+        """``evaluation.largest_component`` resolved for these weights.
+
+        Args:
+            setting: ``True`` or ``False`` as the user set it, or ``"auto"``: the choice that the
+                validation patients made for the best epoch during training (``state["postprocessing"]``),
+                off where the checkpoint records none (no validated epoch, or an older checkpoint).
+        """
+        if setting != "auto":
+            return bool(setting)
+        return bool(self.state.get("postprocessing", {}).get("largest_component", False))
 
     @property
     def label(self) -> str:

@@ -28,7 +28,7 @@ from acdc_prune.engine.cost import model_cost
 from acdc_prune.engine.metrics import STRUCTURES, mean_foreground_dice, volume_metrics
 from acdc_prune.engine.precision import resolve_precision
 from acdc_prune.engine.progress import LogReporter, Reporter
-from acdc_prune.engine.segment import N_CLASSES, segment
+from acdc_prune.engine.segment import N_CLASSES, segment_as_configured
 from acdc_prune.errors import DataError
 from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
@@ -290,14 +290,7 @@ def evaluate_model(
         if record.label is None:
             raise DataError(f"{record.image}: no label file; evaluation needs a labelled data set")
         in_channels = int(item["image"].shape[0])
-        pred = segment(
-            model,
-            item,
-            batch_size=eval_cfg.batch_size,
-            device=device,
-            precision=precision,
-            largest_component=eval_cfg.largest_component,
-        )
+        pred = segment_as_configured(model, item, eval_cfg, device, precision)
         gt, spacing = load_label(record)
         _check_labels(gt, record.label)
         row = _volume_row(record, volume_metrics(pred, gt, spacing, eval_cfg.hd_percentile))

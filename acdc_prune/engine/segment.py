@@ -16,6 +16,8 @@ from acdc_prune.errors import AcdcPruneError, Hint, ResourceError
 
 N_CLASSES = len(STRUCTURES) + 1
 """Background, RV, MYO and LV."""
+MIRROR_FLIPS = ((), (2,), (3,), (2, 3))
+"""Axes of ``(B, C, H, W)`` slices flipped by test-time mirroring: none, H, W, both."""
 _LARGEST = KeepLargestConnectedComponent(
     applied_labels=list(STRUCTURES), is_onehot=False, independent=True, connectivity=3
 )
@@ -27,6 +29,7 @@ def predict_probabilities(
     batch_size: int,
     device: torch.device | str = "cpu",
     precision: Precision = FP32,
+    mirror: bool = False,
 ) -> torch.Tensor:
     """Softmax probabilities of every slice of a preprocessed volume, with MONAI's ``SliceInferer``.
 
@@ -40,6 +43,8 @@ def predict_probabilities(
         batch_size: slices per forward pass.
         device: where the model runs.
         precision: autocast dtype and memory format.
+        mirror: test-time mirroring as nnU-Net does it: average the probabilities of the slice and
+            of its flips along H, W and both (4 forward passes per slice).
 
     Returns:
         ``(C, H, W, D)`` float32 probabilities on the CPU (a plain tensor).
@@ -52,10 +57,16 @@ def predict_probabilities(
     window = tuple(volume.shape[1:3])  # whole slices: one window per slice, no blending
     inferer = SliceInferer(roi_size=window, sw_batch_size=batch_size, spatial_dim=2, overlap=0.0)
 
+    flips = MIRROR_FLIPS if mirror else ((),)
+
+    def probabilities(slices: torch.Tensor) -> torch.Tensor:
+        with precision.autocast(device):
+            return model(slices).float().softmax(dim=1)
+
     def network(slices: torch.Tensor) -> torch.Tensor:
         slices = slices.to(device, dtype=torch.float32, memory_format=precision.memory_format)
-        with precision.autocast(device):
-            return model(slices).float().softmax(dim=1).cpu()
+        total = sum(probabilities(slices.flip(dims)).flip(dims) for dims in flips)
+        return (total / len(flips)).cpu()
 
     was_training = model.training
     model.eval()
@@ -97,6 +108,7 @@ def segment(
     batch_size: int,
     device: torch.device | str = "cpu",
     precision: Precision = FP32,
+    mirror: bool = False,
     largest_component: bool = False,
 ) -> np.ndarray:
     """Label map of one volume in its original geometry: the one path of validation, evaluate and predict.
@@ -108,6 +120,7 @@ def segment(
         batch_size: slices per forward pass.
         device: where the model runs.
         precision: autocast dtype and memory format.
+        mirror: test-time mirroring (see :func:`predict_probabilities`).
         largest_component: keep only the largest 3D component of each structure.
 
     Returns:
@@ -119,7 +132,7 @@ def segment(
     """
     from acdc_prune.data import invert_to_original
 
-    probs = predict_probabilities(model, item["image"], batch_size, device, precision)
+    probs = predict_probabilities(model, item["image"], batch_size, device, precision, mirror)
     if probs.shape[0] != N_CLASSES:
         raise AcdcPruneError(
             f"the model predicts {probs.shape[0]} classes but segmentation needs {N_CLASSES} "
@@ -128,3 +141,20 @@ def segment(
     original = torch.as_tensor(invert_to_original(probs, item))
     labels = original.argmax(dim=0).cpu().numpy().astype(np.uint8)
     return keep_largest_components(labels) if largest_component else labels
+
+
+def segment_as_configured(
+    model: nn.Module, item: dict[str, Any], evaluation: Any, device: torch.device | str, precision: Precision
+) -> np.ndarray:
+    """:func:`segment` with the inference settings of an ``EvaluationConfig``: batch size, mirroring
+    (``tta``) and post-processing (``largest_component``; resolve ``auto`` with
+    ``Checkpoint.largest_component`` first: left unresolved here, it means off)."""
+    return segment(
+        model,
+        item,
+        batch_size=evaluation.batch_size,
+        device=device,
+        precision=precision,
+        mirror=evaluation.tta,
+        largest_component=evaluation.largest_component is True,
+    )

@@ -27,7 +27,7 @@ from acdc_prune.engine.steps import (
     run_epoch,
     seed_everything,
 )
-from acdc_prune.engine.validation import DICE_KEYS, Validator
+from acdc_prune.engine.validation import DICE_KEYS, Validator, postprocessing_choice
 from acdc_prune.errors import AcdcPruneError, ConfigError, DiskFullError, Hint, Interrupted, ResourceError
 from acdc_prune.io import new_run_dir, remove_leftovers
 from acdc_prune.models import build_model, total_stride
@@ -312,6 +312,10 @@ def _save(run: _Run, epoch: int, history: list[dict[str, Any]], best: tuple, nam
         "best_dice": best[0],
         "best_epoch": best[1],
     }
+    best_row = next((row for row in history if row["epoch"] == best[1]), None)
+    choice = postprocessing_choice(best_row) if best_row is not None else None
+    if choice is not None:
+        state["postprocessing"] = choice
     checkpoint = Checkpoint.of(run.model, run.config, epoch=epoch, plan=run.plan, state=state)
     for name in [*names, "last"]:
         checkpoint.save(run.run_dir / f"{name}.pt")

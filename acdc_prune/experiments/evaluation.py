@@ -57,6 +57,26 @@ def evaluate_records(
     )
 
 
+def open_configured(model_path: Path | Any, overrides: list[str] | None) -> tuple[Any, nn.Module, Config]:
+    """Open a saved model with its stored config, ``overrides`` applied and post-processing resolved.
+
+    Args:
+        model_path: a run or pruned folder, a checkpoint or ONNX file, or a model opened with
+            :func:`~acdc_prune.engine.quantize.open_source` (a ``Checkpoint`` or an ONNX source).
+        overrides: dotted overrides of the stored config.
+
+    Returns:
+        ``(source, model, config)``: the opened checkpoint or ONNX model, its network (built here, so a
+        model that does not fit is refused before any folder appears) and the config to use, whose
+        ``evaluation.largest_component`` is ``True`` or ``False`` (``auto`` resolved by the source).
+    """
+    source = open_source(model_path) if isinstance(model_path, (str, Path)) else model_path
+    model = source.build_model()
+    config = config_from_dict(apply_overrides(source.config.to_dict(), overrides or []))
+    config.evaluation.largest_component = source.largest_component(config.evaluation.largest_component)
+    return source, model, config
+
+
 def evaluate_folder(
     model_path: Path,
     data: Path | None,
@@ -83,9 +103,7 @@ def evaluate_folder(
     """
     from acdc_prune.data import discover
 
-    source = open_source(model_path)  # a checkpoint, or an ONNX / int8 model
-    model = source.build_model()  # refused here, before any folder appears, when it does not fit
-    config = config_from_dict(apply_overrides(source.config.to_dict(), overrides or []))
+    _, model, config = open_configured(model_path, overrides)
     config.evaluation.save_predictions = config.evaluation.save_predictions or save_predictions
     if data is None:
         records = validation_records(config)

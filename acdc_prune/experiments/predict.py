@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import nn
 
-from acdc_prune.config import Config, apply_overrides, config_from_dict, save_config
+from acdc_prune.config import Config, save_config
 from acdc_prune.engine.checkpoints import Checkpoint
 from acdc_prune.engine.progress import LogReporter, Reporter
-from acdc_prune.engine.quantize import open_source
 from acdc_prune.errors import DataError
+from acdc_prune.experiments.evaluation import open_configured
 from acdc_prune.io import staged_dir, unused_path
 
 
@@ -38,7 +38,7 @@ def predict_records(
     from acdc_prune.engine.device import resolve_device
     from acdc_prune.engine.evaluate import case_name
     from acdc_prune.engine.precision import resolve_precision
-    from acdc_prune.engine.segment import segment
+    from acdc_prune.engine.segment import segment_as_configured
     from acdc_prune.models import total_stride
 
     device = resolve_device(config.training.device)
@@ -51,14 +51,7 @@ def predict_records(
     reporter.start("volumes", len(dataset), description="Predicting")
     for index in range(len(dataset)):
         item = dataset[index]
-        labels = segment(
-            model,
-            item,
-            batch_size=evaluation.batch_size,
-            device=device,
-            precision=precision,
-            largest_component=evaluation.largest_component,
-        )
+        labels = segment_as_configured(model, item, evaluation, device, precision)
         image = item["record"].image
         path = out_dir / f"{case_name(image)}.nii.gz"
         write_nifti(path, labels, true_affine(open_nifti(image)))
@@ -94,9 +87,7 @@ def predict_folder(
     """
     from acdc_prune.data import discover
 
-    source = model_path if isinstance(model_path, Checkpoint) else open_source(model_path)
-    model = source.build_model()  # refused here, before any folder appears, when it does not fit
-    config = config_from_dict(apply_overrides(source.config.to_dict(), overrides or []))
+    source, model, config = open_configured(model_path, overrides)
     records = discover(data, layout="auto", require_labels=False)
     if not records:
         raise DataError(f"{data}: no images found (expected an ACDC or nnU-Net raw folder)")
