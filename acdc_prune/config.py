@@ -218,7 +218,7 @@ class EvaluationConfig:
         doc="keep only the largest 3D connected component of each structure: true, false, or auto (what "
         "the validation patients chose for the checkpoint during training; off if it holds no choice)",
     )
-    tta: bool = spec(False, doc="test-time mirroring: average the softmax over the 4 in-plane flips of each slice")
+    tta: bool = spec(False, doc="test-time mirroring: mean softmax over the 4 in-plane flips of each slice")
 
 
 @dataclass

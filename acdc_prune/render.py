@@ -260,3 +260,48 @@ def print_pruning(result: Any, console: Console) -> None:
         f"{result.after['mean_dice']:.4f} after"
     )
     console.print(f"pruned model in [bold]{result.out_dir}[/]")
+
+
+def print_sensitivity(result: Any, console: Console) -> None:
+    """Print a sensitivity analysis (:class:`~acdc_prune.experiments.sensitivity.SensitivityResult`): the
+    Dice loss of each block at each ratio, the unpruned Dice, what ``ratios.yaml`` keeps, and the folder."""
+    meta, target = result.meta, result.meta["target"]
+    table = Table(
+        "block", *(f"{r:g}" for r in meta["ratios"]), title="Dice loss when one block is pruned by ratio"
+    )
+    for block, rows in result.table.groupby("block", sort=False):
+        table.add_row(str(block), *(f"{loss:+.4f}" for loss in rows["dice_loss"]))
+    console.print(table)
+    recalibrated = meta.get("reference_recalibrated", {}).get("dice_mean")
+    console.print(
+        f"unpruned Dice {meta['reference']['dice_mean']:.4f}"
+        + (f" ({recalibrated:.4f} recalibrated)" if recalibrated is not None else "")
+        + f" on {len(meta['settings']['volumes'])} validation volumes; ratios.yaml keeps "
+        f"{target['real_macs_fraction']:.3f} of the MACs (target {target['macs_fraction']:g})"
+    )
+    console.print(f"sensitivity in [bold]{result.out_dir}[/]")
+
+
+def print_quantization(result: Any, console: Console) -> None:
+    """Print a table of an int8 model (:class:`~acdc_prune.experiments.quantize.QuantizeResult`): file,
+    size, calibration, layers left in float, QAT, and how far it is from the float model."""
+    summary = result.summary
+    facts = summary["quantization"]
+    table = Table(title="int8 quantization", show_header=False)
+    table.add_row("File", str(result.path))
+    table.add_row(
+        "Size", f"{facts['size_bytes'] / 2**20:.2f} MiB (float {facts['float_size_bytes'] / 2**20:.2f})"
+    )
+    calibration = summary["calibration"]
+    table.add_row("Calibration", f"{calibration['slices']} training slices, {calibration['method']}")
+    table.add_row("Float layers", ", ".join(facts["float_nodes"]))
+    if "qat" in summary:
+        qat, dice = summary["qat"], summary["qat"]["best_dice"]
+        shown = f"{dice:.4f}" if dice is not None else "undefined"
+        table.add_row("QAT epochs", f"{qat['epochs']}, best validation Dice {shown} (int8-rounded)")
+    check = facts["check"]
+    table.add_row(
+        "Max |logit deviation|", f"{check['max_abs_logit_deviation']:.3g} on {check['slices']} slices"
+    )
+    table.add_row("Label agreement", f"{check['label_agreement']:.4%}")
+    console.print(table)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import fields
 
 import pytest
@@ -13,7 +15,8 @@ from monai.networks.nets import BasicUNetPlusPlus
 from acdc_prune.config import ModelConfig, config_from_dict
 from acdc_prune.errors import ConfigError
 from acdc_prune.models import UNet2D, build_model, total_stride
-from acdc_prune.models.registry import NETWORK_NAMES, UNetPlusPlus, network_kwargs
+from acdc_prune.models.registry import NETWORKS, UNetPlusPlus, network_kwargs
+from acdc_prune.names import NETWORK_NAMES
 from acdc_prune.pruning import apply_plan, max_deviation, plan_pruning, randomise_norm_statistics
 
 
@@ -172,9 +175,16 @@ def test_refused_arguments_become_a_config_error():
         build_model(ModelConfig(name="dynunet", features=[8, 16, 32], kwargs={"kernel_size": [3, 3]}))
 
 
-def test_config_lists_exactly_the_registry_networks():
+def test_registry_builds_exactly_the_named_networks():
+    assert tuple(NETWORKS) == NETWORK_NAMES
     choices = next(f for f in fields(ModelConfig) if f.name == "name").metadata["choices"]
     assert tuple(choices) == NETWORK_NAMES
+
+
+def test_config_and_network_names_load_without_torch():
+    code = "import sys, acdc_prune.config, acdc_prune.names; print('torch' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "False"
 
 
 def test_unet_plus_plus_returns_the_last_head_and_averages_heads_when_supervised():

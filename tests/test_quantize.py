@@ -12,18 +12,14 @@ from typer.testing import CliRunner
 from acdc_prune.cli import app
 from acdc_prune.config import config_from_dict
 from acdc_prune.engine.checkpoints import Checkpoint
-from acdc_prune.engine.export import export_onnx
-from acdc_prune.engine.quantize import (
-    MODEL_FILE,
-    OnnxModel,
+from acdc_prune.engine.fake_quant import (
     calibrate_fake_quant,
-    calibration_slices,
     disable_fake_quant,
     enable_fake_quant,
-    open_source,
     output_conv,
-    quantize_onnx,
 )
+from acdc_prune.engine.formats import export_onnx
+from acdc_prune.engine.quantize import MODEL_FILE, OnnxModel, calibration_slices, open_source, quantize_onnx
 from acdc_prune.engine.trainer import train
 from acdc_prune.errors import ConfigError, ExportError
 from acdc_prune.experiments.evaluation import evaluate_folder

@@ -23,15 +23,9 @@ from acdc_prune.errors import ConfigError
 from acdc_prune.experiments import sensitivity
 from acdc_prune.experiments.planning import example_input
 from acdc_prune.experiments.prune import read_ratios
-from acdc_prune.experiments.sensitivity import (
-    COLUMNS,
-    Scorer,
-    TrainingSlices,
-    greedy_ratios,
-    parse_ratio_list,
-    run_sensitivity,
-    spread,
-)
+from acdc_prune.experiments.scoring import Scorer, TrainingSlices, spread
+from acdc_prune.experiments.sensitivity import COLUMNS, run_sensitivity
+from acdc_prune.experiments.sensitivity_ratios import greedy_ratios, parse_ratio_list
 from acdc_prune.pruning import PruningError, apply_plan, plan_pruning
 
 RATIOS = [0.25, 0.5]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from acdc_prune.config import Config, config_from_dict
+from acdc_prune.engine.segment import resolve_largest_component
 from acdc_prune.errors import AcdcPruneError, CheckpointError
 from acdc_prune.io import atomic_torch_save, safe_torch_load
 from acdc_prune.models import build_model
@@ -167,9 +168,7 @@ class Checkpoint:
                 validation patients made for the best epoch during training (``state["postprocessing"]``),
                 off where the checkpoint records none (no validated epoch, or an older checkpoint).
         """
-        if setting != "auto":
-            return bool(setting)
-        return bool(self.state.get("postprocessing", {}).get("largest_component", False))
+        return resolve_largest_component(setting, self.state.get("postprocessing"))
 
     @property
     def label(self) -> str:

@@ -1,14 +1,10 @@
-"""Export a network to ONNX, TorchScript or a torch.export program, checked against eager PyTorch."""
+"""Export a network to a file (ONNX, TorchScript, torch.export or weights alone), checked against PyTorch."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import math
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from acdc_prune.engine.formats import (
+    INPUT_NAME,
+    OPSET,
+    OUTPUT_NAME,
+    RUNNERS,
+    error_reason,
+    export_example,
+    export_onnx,
+    export_program,
+    export_torchscript,
+)
 from acdc_prune.errors import ConfigError, ExportError, Hint
 from acdc_prune.io import atomic_write_bytes, atomic_write_json
 
@@ -27,13 +34,8 @@ SUFFIXES: dict[str, str] = {
 }
 """File suffix of each export format: :func:`export_model` writes the first three, :func:`export_weights`
 the last (a checkpoint without training state, as the MONAI bundle ships)."""
-OPSET = 18
-"""Default ONNX opset: the one torch's ONNX functions are written in (no version conversion), run by
-onnxruntime 1.14 and later."""
 TOLERANCE = 1e-4
 """Largest absolute difference from eager PyTorch, over every logit of every check input, accepted."""
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
-EXTRA_HINT = "pip install 'acdc-prune[export]'"
 
 
 @dataclass
@@ -102,169 +104,6 @@ def check_format(fmt: str) -> str:
 def default_export_path(checkpoint: Path, fmt: str) -> Path:
     """``<checkpoint folder>/export/<checkpoint stem><suffix>``, e.g. ``run/export/best.onnx``."""
     return checkpoint.parent / "export" / f"{checkpoint.stem}{SUFFIXES[check_format(fmt)]}"
-
-
-def require_onnx_stack() -> Any:
-    """Import what ONNX export needs (onnx, onnxscript for torch's exporter, onnxruntime for the check).
-
-    Returns:
-        The ``onnxruntime`` module.
-
-    Raises:
-        ExportError: one of them is not installed (the message says how to install them).
-    """
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise ExportError(
-            f"ONNX export needs the package '{err.name}', not installed: {EXTRA_HINT}"
-        ) from None
-    return onnxruntime
-
-
-def _reason(err: Exception) -> str:
-    """The first non-empty line of an exception's message, with its type."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' warnings and logs: tracer notes on shape tests, deprecations, and
-    torch.onnx listing torchvision operators it skips. The check against eager output is what counts."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def dynamic_shapes(stride: int) -> tuple[dict[int, Any], ...]:
-    """torch.export dynamic shapes of a ``(B, C, H, W)`` input: any batch, H and W multiples of ``stride``.
-
-    Args:
-        stride: the network's total stride (:func:`acdc_prune.models.total_stride`).
-
-    Returns:
-        A one-element tuple (the model's single positional input) mapping dims 0, 2 and 3 to
-        ``Dim("batch")``, ``stride * Dim("h")`` and ``stride * Dim("w")``.
-    """
-    batch, height, width = (torch.export.Dim(name, min=1) for name in ("batch", "h", "w"))
-    return ({0: batch, 2: stride * height, 3: stride * width},)
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, stride: int, opset: int = OPSET) -> bytes:
-    """Serialise ``model`` to ONNX with torch's torch.export-based exporter (``dynamo=True``).
-
-    Args:
-        model: eval-mode network ``(B, C_in, H, W) -> (B, C_out, H, W)``.
-        example: a ``(B, C_in, H, W)`` example input with B >= 2 and distinct H / stride, W / stride
-            >= 2, so that no dimension is specialised to its example value.
-        stride: H and W of the exported model are ``stride * h`` and ``stride * w``.
-        opset: ONNX operator set version.
-
-    Returns:
-        The ONNX model (weights included) with input ``image`` and output ``logits`` whose batch, H
-        and W are symbolic (``batch``, ``<stride>*h``, ``<stride>*w``).
-
-    Raises:
-        ExportError: the model cannot be exported (the message gives torch's reason).
-    """
-    require_onnx_stack()
-    try:
-        with _quiet():
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes(stride),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                verbose=False,
-            )
-            return program.model_proto.SerializeToString()
-    except Exception as err:  # torch.export and the ONNX translator raise many types; all mean "cannot"
-        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_reason(err)}") from None
-
-
-def export_torchscript(model: nn.Module, example: torch.Tensor) -> bytes:
-    """Serialise ``model`` with ``torch.jit.trace`` and ``torch.jit.save``.
-
-    Tracing records the operations run on ``example``; convolutions generalise to other batch and
-    spatial sizes, while Python tests on shapes are frozen to their outcome on ``example`` (true for
-    every input whose H and W are multiples of the total stride, like the example).
-
-    Args:
-        model: eval-mode network ``(B, C_in, H, W) -> (B, C_out, H, W)``.
-        example: ``(B, C_in, H, W)`` input with H and W multiples of the total stride.
-
-    Raises:
-        ExportError: tracing or saving failed.
-    """
-    buffer = io.BytesIO()
-    try:
-        with _quiet(), torch.no_grad():
-            torch.jit.save(torch.jit.trace(model, (example,), check_trace=False), buffer)
-    except Exception as err:  # the tracer raises many types; all mean "cannot be traced"
-        raise ExportError(f"cannot trace {type(model).__name__} to TorchScript: {_reason(err)}") from None
-    return buffer.getvalue()
-
-
-def export_program(model: nn.Module, example: torch.Tensor, stride: int) -> bytes:
-    """Serialise ``model`` with ``torch.export.export`` (dynamic batch, H, W) and ``torch.export.save``.
-
-    Args:
-        model: eval-mode network ``(B, C_in, H, W) -> (B, C_out, H, W)``.
-        example: as for :func:`export_onnx`.
-        stride: H and W of the program are ``stride * h`` and ``stride * w``.
-
-    Returns:
-        The ``.pt2`` archive.
-
-    Raises:
-        ExportError: torch.export refused the model (the message gives its reason).
-    """
-    buffer = io.BytesIO()
-    try:
-        with _quiet():
-            torch.export.save(
-                torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(stride)), buffer
-            )
-    except Exception as err:  # torch.export raises many types; all mean "cannot be exported"
-        raise ExportError(f"cannot export {type(model).__name__} with torch.export: {_reason(err)}") from None
-    return buffer.getvalue()
-
-
-def onnx_runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function running the serialised ONNX model on onnxruntime's CPU provider, tensor in, tensor out."""
-    session = require_onnx_stack().InferenceSession(data, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
-
-
-def torchscript_runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The TorchScript module ``torch.jit.load`` reads from ``data``."""
-    with _quiet():
-        return torch.jit.load(io.BytesIO(data), map_location="cpu")
-
-
-def program_runner(data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The module of the program ``torch.export.load`` reads from ``data``."""
-    with _quiet():
-        return torch.export.load(io.BytesIO(data)).module()
-
-
-RUNNERS: dict[str, Callable[[bytes], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "onnx": onnx_runner,
-    "torchscript": torchscript_runner,
-    "exported": program_runner,
-}
 
 
 def check_shapes(stride: int, in_channels: int, size: Sequence[int]) -> list[tuple[int, int, int, int]]:
@@ -434,9 +273,7 @@ def export_model(
     out = Path(out)
     refuse_existing(out, force)
     model.eval()
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, in_channels, 3 * stride, 4 * stride, generator=generator)
-    data = _serialise(fmt, model, example, stride, opset)
+    data = _serialise(fmt, model, export_example(in_channels, stride), stride, opset)
     shapes = check_shapes(stride, in_channels, check_size)
     try:
         found = deviations(model, RUNNERS[fmt](data), shapes)
@@ -444,7 +281,7 @@ def export_model(
         raise
     except Exception as err:  # runtimes raise many types; all mean the exported file does not run
         raise ExportError(
-            f"the {fmt} export of {type(model).__name__} does not run: {_reason(err)}"
+            f"the {fmt} export of {type(model).__name__} does not run: {error_reason(err)}"
         ) from None
     worst = math.nan if any(math.isnan(value) for value in found) else max(found)
     if not worst < TOLERANCE:

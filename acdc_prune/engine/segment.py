@@ -84,6 +84,20 @@ def predict_probabilities(
     return torch.as_tensor(probs)[0].contiguous()
 
 
+def resolve_largest_component(setting: bool | str, choice: dict[str, Any] | None) -> bool:
+    """``evaluation.largest_component`` resolved for one model.
+
+    Args:
+        setting: ``True`` or ``False`` as the user set it, or ``"auto"``.
+        choice: the post-processing the validation patients chose for the model during training (see
+            :func:`acdc_prune.engine.validation.postprocessing_choice`), ``None`` where none was made;
+            ``auto`` follows it, and means off without it.
+    """
+    if setting != "auto":
+        return bool(setting)
+    return bool((choice or {}).get("largest_component", False))
+
+
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     """Keep only the largest connected component of each structure; other islands become background.
 

@@ -28,7 +28,8 @@ class QuantizeResult:
 
     Attributes:
         path: the int8 ONNX model (``<out>/model.int8.onnx``).
-        summary: the content of its ``.json`` summary (calibration, settings, check, source, config).
+        summary: the content of its ``.json`` summary (calibration, settings, check, source, the
+            post-processing choice of the source checkpoint, config).
     """
 
     path: Path
@@ -147,7 +148,7 @@ def qat_finetune(
         The fine-tuned float network and facts for the summary (epochs, lr, best Dice and epoch, folder).
     """
     from acdc_prune.engine.checkpoints import Checkpoint
-    from acdc_prune.engine.quantize import calibrate_fake_quant, disable_fake_quant, enable_fake_quant
+    from acdc_prune.engine.fake_quant import calibrate_fake_quant, disable_fake_quant, enable_fake_quant
     from acdc_prune.engine.trainer import train
 
     settings = config.to_dict()
@@ -186,7 +187,7 @@ def _fine_tune(
     reporter: Reporter | None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`qat_finetune` of a checkpoint's network into ``<staging>/qat``, its head kept in float."""
-    from acdc_prune.engine.quantize import output_conv
+    from acdc_prune.engine.fake_quant import output_conv
     from acdc_prune.models import total_stride
 
     head = output_conv(model, config.model.in_channels, total_stride(config.model))
@@ -233,16 +234,13 @@ def _quantize_model(
     """Export ``model`` to ONNX, quantize and check it; return the bytes and the quantization facts."""
     import onnxruntime
 
-    from acdc_prune.engine.export import export_onnx
+    from acdc_prune.engine.formats import export_example, export_onnx
     from acdc_prune.engine.quantize import OnnxModel, quantize_onnx
     from acdc_prune.models import total_stride
 
     stride = total_stride(config.model)
     model.eval()
-    example = torch.randn(
-        2, config.model.in_channels, 3 * stride, 4 * stride, generator=torch.Generator().manual_seed(0)
-    )
-    float_bytes = export_onnx(model, example, stride)
+    float_bytes = export_onnx(model, export_example(config.model.in_channels, stride), stride)
     data, kept = quantize_onnx(float_bytes, slices, keep_float=keep_float, method=method)
     int8 = OnnxModel(data)
     facts = {
@@ -334,6 +332,7 @@ def quantize_run(
             "cases": cases,
             "split": "training",
         }
+        summary["postprocessing"] = source.state.get("postprocessing", {})
         summary["config"] = config.to_dict()
         atomic_write_bytes(staging / MODEL_FILE, data)
         atomic_write_json(staging / f"{MODEL_FILE}.json", summary)

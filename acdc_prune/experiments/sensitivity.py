@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 
 from acdc_prune.config import Config
 from acdc_prune.engine.checkpoints import Checkpoint
 from acdc_prune.engine.progress import LogReporter, Reporter
 from acdc_prune.errors import ConfigError
-from acdc_prune.io import atomic_save_figure, atomic_write_json, atomic_write_text, read_json, unused_path
-from acdc_prune.pruning import PruningError
+from acdc_prune.experiments.scoring import Scorer, TrainingSlices, has_batchnorm
+from acdc_prune.experiments.sensitivity_ratios import (
+    GREEDY,
+    check_ratio_list,
+    greedy_ratios,
+    plot_losses,
+    predicted_loss,
+    ratios_text,
+    row_key,
+)
+from acdc_prune.io import atomic_write_json, atomic_write_text, read_json, unused_path
 
 COLUMNS = (
     "block",
@@ -46,56 +53,6 @@ PROXY = (
     "of the run's validation volumes spread evenly over their sorted list (the same subset every time)"
 )
 """What the ``dice`` column measures: a fast proxy of the full evaluation."""
-
-GREEDY = (
-    "start from every block at ratio 0; repeatedly move the block whose next tried ratio adds the least "
-    "Dice loss per MACs saved; stop when the predicted MACs (1 - the sum of the one-block savings, an "
-    "additive approximation) and then the real MACs of the combined plan reach the target"
-)
-"""How ``ratios.yaml`` is chosen from the table."""
-
-
-def check_ratio_list(values: Sequence[float]) -> list[float]:
-    """The ratios to try, sorted and without repeats.
-
-    Args:
-        values: shares of a block's filters removed, each strictly between 0 and 1.
-
-    Raises:
-        ConfigError: no value, or one outside (0, 1) or NaN.
-    """
-    if not values:
-        raise ConfigError("give at least one ratio to try, e.g. --ratios 0.25,0.5,0.75,0.9")
-    for value in values:
-        if not 0.0 < float(value) < 1.0:
-            raise ConfigError(
-                f"ratio {value} is not in (0, 1): a ratio is the share of a block's filters removed"
-            )
-    return sorted({float(value) for value in values})
-
-
-def parse_ratio_list(text: str) -> list[float]:
-    """Parse ``"0.25,0.5,0.75"`` into checked ratios (see :func:`check_ratio_list`).
-
-    Raises:
-        ConfigError: a part that is not a number, or a ratio outside (0, 1).
-    """
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"ratios '{text}' are not comma-separated numbers; write e.g. --ratios 0.25,0.5,0.75,0.9"
-        ) from None
-    return check_ratio_list(values)
-
-
-def spread(count: int, n: int) -> list[int]:
-    """Indices of ``min(n, count)`` items spread evenly over ``range(count)``, the first and last included."""
-    if n >= count:
-        return list(range(count))
-    if n == 1:
-        return [0]
-    return [math.floor(i * (count - 1) / (n - 1) + 0.5) for i in range(n)]
 
 
 def prunable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -124,90 +81,6 @@ def fast_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
         return count_macs(copy.deepcopy(model).to("meta"), shape)
     except (RuntimeError, NotImplementedError):
         return count_macs(model, shape)
-
-
-class TrainingSlices:
-    """The run's training batches (``training_batches``), read on first use: weight criteria never load them.
-
-    Iterating yields ``(image, label)`` batches of the training patients only, the same every time.
-
-    Args:
-        config: the run's config.
-    """
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._batches: Callable[[], Iterator[tuple]] | None = None
-
-    def __iter__(self) -> Iterator[tuple]:
-        """A fresh iterator over the batches."""
-        from acdc_prune.experiments.batches import training_batches
-
-        if self._batches is None:
-            self._batches = training_batches(self.config)
-        return self._batches()
-
-
-class Scorer:
-    """Recalibrates a network's BatchNorms on fixed training batches; scores it on fixed validation volumes.
-
-    Args:
-        config: the run's config (data, evaluation batch size and precision, device).
-        volumes: how many validation volumes (:func:`spread` over the run's validation list).
-        training: the run's training batches; ``pruning.calibration_batches`` of them are read once.
-    """
-
-    def __init__(self, config: Config, volumes: int, training: TrainingSlices) -> None:
-        from acdc_prune.data import VolumeDataset, load_label
-        from acdc_prune.engine.device import resolve_device
-        from acdc_prune.engine.precision import resolve_precision
-        from acdc_prune.engine.validation import Validator
-        from acdc_prune.experiments.evaluation import validation_records
-        from acdc_prune.models import total_stride
-
-        evaluation = config.evaluation
-        self.device = resolve_device(config.training.device)
-        self.precision = resolve_precision(
-            evaluation.precision, evaluation.channels_last, self.device, "evaluation"
-        )
-        records = validation_records(config)
-        self.records = [records[i] for i in spread(len(records), volumes)]
-        dataset = VolumeDataset(self.records, config.data, total_stride(config.model), config.cache_dir)
-        self.validator = Validator(dataset, evaluation.batch_size, load_label, self.precision)
-        self.training = training
-        self.num_batches = config.pruning.calibration_batches
-        self._calibration: list[torch.Tensor] | None = None
-
-    def volume_names(self) -> list[str]:
-        """``patient017 ED``... for each scored volume."""
-        return [f"{r.patient} {r.phase or r.image.name}" for r in self.records]
-
-    def calibration(self) -> list[torch.Tensor]:
-        """The recalibration inputs: the first ``pruning.calibration_batches`` training batches, read once."""
-        if self._calibration is None:
-            self._calibration = [x for x, _ in itertools.islice(self.training, self.num_batches)]
-        return self._calibration
-
-    def __call__(self, model: nn.Module, recalibrate: bool = True) -> tuple[dict[str, float | None], int]:
-        """Score ``model`` (moved to the device; its BatchNorm statistics are replaced when ``recalibrate``).
-
-        Returns:
-            ``(dice_RV, dice_MYO, dice_LV, dice_mean, ...)`` and the number of BatchNorm layers recalibrated.
-        """
-        from acdc_prune.pruning import recalibrate_batchnorm
-
-        model = self.precision.prepare(model, self.device)
-        norms = 0
-        if recalibrate and self.num_batches > 0 and has_batchnorm(model):
-            # The statistics are taken in the precision the network is scored in (as in training).
-            with self.precision.autocast(self.device):
-                norms = recalibrate_batchnorm(model, self.calibration(), self.num_batches)
-        return self.validator(model, self.device), norms
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has a BatchNorm layer (recalibration has something to do)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 @dataclass
@@ -300,10 +173,9 @@ def _check_reachable(job: Job) -> None:
         )
 
 
-def prepare_job(
+def _prepare_job(
     model_path: Path,
     ratios: Sequence[float],
-    *,
     importance: str | None,
     volumes: int,
     target_macs: float,
@@ -313,7 +185,8 @@ def prepare_job(
 ) -> Job:
     """Check every input and open the model and validation volumes; nothing is written.
 
-    The arguments are those of :func:`run_sensitivity`; training batches are read on first use.
+    The arguments are those of :func:`run_sensitivity`, in its order; training batches are read on
+    first use.
 
     Raises:
         ConfigError: bad ratios, volumes, target, overrides or output folder; PruningError: an unknown
@@ -410,14 +283,10 @@ def _measure(job: Job, block: str, ratio: float, reference: float) -> dict[str, 
     }
 
 
-def _key(block: str, ratio: float) -> tuple[str, float]:
-    return block, round(float(ratio), 6)
-
-
 def _fill(job: Job, rows: list[dict[str, Any]], reference: float, reporter: Reporter) -> list[dict[str, Any]]:
     """Compute the missing rows, rewriting ``sensitivity.csv`` after each (an interruption loses one row)."""
-    done = {_key(row["block"], row["ratio"]) for row in rows}
-    todo = [(b, r) for b in job.blocks for r in job.ratios if _key(b, r) not in done]
+    done = {row_key(row["block"], row["ratio"]) for row in rows}
+    todo = [(b, r) for b in job.blocks for r in job.ratios if row_key(b, r) not in done]
     total = len(job.blocks) * len(job.ratios)
     if total > len(todo):
         reporter.note(f"resuming {job.out_dir}: {total - len(todo)} of {total} rows already computed")
@@ -431,119 +300,6 @@ def _fill(job: Job, rows: list[dict[str, Any]], reference: float, reporter: Repo
         reporter.update("sensitivity", count, f"{block} at {ratio:g}: Dice loss {row['dice_loss']:+.4f}")
     reporter.finish("sensitivity")
     return rows
-
-
-def _curves(table: pd.DataFrame) -> dict[str, list[tuple[float, float, float]]]:
-    """Per block: ``(ratio, MACs saved, Dice loss)`` by ratio, from ``(0, 0, 0)`` (nothing pruned)."""
-    curves = {}
-    for block, rows in table.groupby("block", sort=False):
-        points = sorted(zip(rows["ratio"], rows["macs_saved"], rows["dice_loss"], strict=True))
-        # A loss that could not be scored counts as the worst one, 1.
-        curves[str(block)] = [(0.0, 0.0, 0.0)] + [
-            (r, s, loss if math.isfinite(loss) else 1.0) for r, s, loss in points
-        ]
-    return curves
-
-
-def _best_move(
-    curves: dict[str, list[tuple[float, float, float]]], at: dict[str, int]
-) -> tuple[str, int] | None:
-    """The block and larger ratio (index) that add the least loss per MACs saved; ``None`` when none is left.
-
-    Moves that save nothing come last; among equal rates the larger saving goes first.
-    """
-    best, best_key = None, None
-    for block, points in curves.items():
-        _, saved, loss = points[at[block]]
-        for index in range(at[block] + 1, len(points)):
-            gain, cost = points[index][1] - saved, points[index][2] - loss
-            key = (cost / gain, -gain) if gain > 0 else (math.inf, 0.0)
-            if best_key is None or key < best_key:
-                best, best_key = (block, index), key
-    return best
-
-
-def greedy_ratios(
-    table: pd.DataFrame, target: float, measure: Callable[[dict[str, float]], float]
-) -> tuple[dict[str, float], float, float]:
-    """Block-wise ratios that keep at most ``target`` of the MACs at the least predicted Dice loss (greedy).
-
-    From every block at ratio 0, the move of one block to a larger tried ratio with the least added
-    loss per MACs saved is taken until the predicted MACs kept (1 minus the sum of the one-block
-    savings: additive, so it overestimates what blocks pruned together save) reach ``target``, and
-    then until the real MACs do.
-
-    Args:
-        table: rows with ``block``, ``ratio``, ``macs_saved`` (fraction of the whole) and ``dice_loss``.
-        target: the fraction of the original MACs to keep, in (0, 1].
-        measure: ``measure(ratios)`` -> real MACs fraction of the network pruned by ``ratios``.
-
-    Returns:
-        ``(ratios, predicted, real)``: ``{"default": 0.0, block: ratio...}`` and both MACs fractions.
-
-    Raises:
-        PruningError: the table cannot reach the target.
-    """
-    curves = _curves(table)
-    at = dict.fromkeys(curves, 0)
-
-    def ratios() -> dict[str, float]:
-        return {"default": 0.0, **{b: float(curves[b][i][0]) for b, i in at.items() if i}}
-
-    def predicted() -> float:
-        return 1.0 - sum(curves[b][i][1] for b, i in at.items())
-
-    while True:
-        if predicted() <= target:
-            real = measure(ratios())
-            if real <= target:
-                return ratios(), predicted(), real
-        move = _best_move(curves, at)
-        if move is None:
-            raise PruningError(
-                f"the table cannot reach the MAC target {target:g}: its largest ratios keep "
-                f"{measure(ratios()):.3f} of the MACs"
-            )
-        at[move[0]] = move[1]
-
-
-def plot_losses(table: pd.DataFrame, x: str, xlabel: str, path: Path, title: str) -> None:
-    """Dice loss against column ``x`` (scaled to percent for ``macs_saved``), one line per block (PNG)."""
-    from acdc_prune.experiments.report import pyplot
-
-    plt = pyplot()
-    scale = 100.0 if x == "macs_saved" else 1.0
-    colours = plt.get_cmap("tab20")
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    for index, (block, rows) in enumerate(table.groupby("block", sort=False)):
-        rows = rows.sort_values("ratio")
-        style = "-" if index < 10 else "--"
-        xs, ys = [0.0, *(scale * rows[x])], [0.0, *rows["dice_loss"]]
-        ax.plot(xs, ys, style, marker="o", markersize=3, color=colours(index % 20), label=str(block))
-    ax.axhline(0.0, color="grey", linewidth=0.6)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("Dice loss (unpruned - pruned)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
-    plt.close(fig)
-
-
-def ratios_text(ratios: dict[str, float], target: float, predicted: float, real: float) -> str:
-    """``ratios.yaml``: the chosen ratios with a header saying what they keep (``read_ratios`` reads it)."""
-    header = (
-        f"# Sensitivity-guided ratios: keep at most {target:g} of the MACs at the least predicted loss.\n"
-        f"# MACs kept: {real:.4f} (real), {predicted:.4f} (predicted, additive over blocks).\n"
-    )
-    return header + yaml.safe_dump(ratios, sort_keys=False)
-
-
-def predicted_loss(table: pd.DataFrame, ratios: dict[str, float]) -> float:
-    """The sum of the one-block Dice losses of ``ratios`` (additive: losses of pruned blocks compound)."""
-    chosen = {_key(block, ratio) for block, ratio in ratios.items() if block != "default"}
-    rows = [_key(b, r) in chosen for b, r in zip(table["block"], table["ratio"], strict=True)]
-    return float(table.loc[rows, "dice_loss"].sum())
 
 
 @dataclass
@@ -569,8 +325,10 @@ def _now() -> str:
 
 def _finish(job: Job, rows: list[dict[str, Any]], meta: dict[str, Any], started: float) -> SensitivityResult:
     """Choose the ratios for the target, draw the plots, and complete ``meta.json``."""
-    asked = {_key(b, r) for b in job.blocks for r in job.ratios}
-    table = pd.DataFrame([row for row in rows if _key(row["block"], row["ratio"]) in asked], columns=COLUMNS)
+    asked = {row_key(b, r) for b in job.blocks for r in job.ratios}
+    table = pd.DataFrame(
+        [row for row in rows if row_key(row["block"], row["ratio"]) in asked], columns=COLUMNS
+    )
     order = {block: index for index, block in enumerate(job.blocks)}
     table = table.sort_values(["block", "ratio"], key=lambda c: c.map(order) if c.name == "block" else c)
     table = table.reset_index(drop=True)
@@ -671,16 +429,7 @@ def run_sensitivity(
     """
     started = time.perf_counter()
     reporter = reporter or LogReporter()
-    job = prepare_job(
-        model_path,
-        ratios,
-        importance=importance,
-        volumes=volumes,
-        target_macs=target_macs,
-        checkpoint=checkpoint,
-        out=out,
-        overrides=overrides,
-    )
+    job = _prepare_job(model_path, ratios, importance, volumes, target_macs, checkpoint, out, overrides)
     rows, meta = _previous(job)
     if meta is None:
         meta = _start(job, reporter)

@@ -16,6 +16,7 @@ from torch import nn
 from acdc_prune.config import ModelConfig
 from acdc_prune.errors import ConfigError
 from acdc_prune.models.unet import UNet2D
+from acdc_prune.names import NETWORK_NAMES
 
 
 class UNetPlusPlus(BasicUNetPlusPlus):
@@ -183,8 +184,7 @@ NETWORKS: dict[str, Network] = {
         SegResNet, _segresnet_defaults, lambda kwargs: 2 ** (len(kwargs["blocks_down"]) - 1)
     ),
 }
-#: Every network name ``model.name`` accepts.
-NETWORK_NAMES: tuple[str, ...] = tuple(NETWORKS)
+"""The networks by ``model.name``; their names are :data:`acdc_prune.names.NETWORK_NAMES`, in order."""
 
 
 def network_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def network_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
         ConfigError: unknown network name, or a ``kwargs`` key the network's constructor does not take.
     """
     if model_cfg.name not in NETWORKS:
-        raise ConfigError(f"unknown model '{model_cfg.name}': choose one of {', '.join(NETWORKS)}")
+        raise ConfigError(f"unknown model '{model_cfg.name}': choose one of {', '.join(NETWORK_NAMES)}")
     cls, defaults = NETWORKS[model_cfg.name].cls, NETWORKS[model_cfg.name].defaults
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     for key in model_cfg.kwargs:
