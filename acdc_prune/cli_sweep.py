@@ -69,7 +69,7 @@ def sweep(
     executor: ExecutorOption = "local",
     ray_address: RayAddressOption = None,
 ) -> None:
-    """Baselines, then every ratios setting x mode x seed: prune, retrain, evaluate; re-running resumes.
+    """Baselines, then every setting (criterion x scope x ratios or target) x mode x seed: prune, retrain, evaluate; re-running resumes.
 
     Example: acdc-prune sweep -c configs/acdc-sweep.yaml --data ~/ACDC/training --executor ray
     """

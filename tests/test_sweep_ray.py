@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
+from sweep_workspace import trained_baseline
 from typer.testing import CliRunner
 
 from acdc_prune.cli import app
-from acdc_prune.config import config_from_dict
-from acdc_prune.engine.trainer import train
 from acdc_prune.errors import Interrupted
-from acdc_prune.experiments import executors
+from acdc_prune.experiments import ray_executor
 from acdc_prune.experiments.executors import ExecutorOptions, Job, make_executor
 from acdc_prune.experiments.sweep import load_sweep, run_sweep
 
@@ -40,36 +38,9 @@ def ray_instance():
 def workspace(tmp_path_factory, tiny_phantom):
     """A trained tiny baseline and a sweep file pruning it: 2 modes x 2 seeds, 1 retraining epoch each."""
     root = tmp_path_factory.mktemp("sweep-ray")
-    config = {
-        "data": {
-            "root": str(tiny_phantom),
-            "val_fraction": 0.4,
-            "cache_dir": str(root / "cache"),
-            "target_spacing": [3.0, 3.0],
-            "patch_size": [64, 64],
-        },
-        "model": {"features": [8, 16, 32]},
-        "training": {
-            "epochs": 2,
-            "batch_size": 4,
-            "iterations_per_epoch": 3,
-            "lr": 3e-3,
-            "checkpoint_epochs": [1],
-            "num_threads": 1,
-            "device": "cpu",
-        },
-        "pruning": {"retrain_epochs": 1, "rewind_to": "epoch1"},
-        "evaluation": {"batch_size": 8, "overlays": 0, "latency_repeats": 1, "latency_warmup": 0},
-        "logging": {
-            "runs_dir": str(root / "runs"),
-            "experiment": "t",
-            "progress": False,
-            "tensorboard": False,
-        },
-    }
-    torch.set_num_threads(1)
-    baseline = train(config_from_dict(config), run_dir=root / "baseline").run_dir
-    (root / "base.yaml").write_text(yaml.safe_dump(config))
+    training = {"epochs": 2, "iterations_per_epoch": 3, "checkpoint_epochs": [1]}
+    pruning = {"retrain_epochs": 1, "rewind_to": "epoch1"}
+    baseline = trained_baseline(root, tiny_phantom, training=training, pruning=pruning)
     sweep = {
         "config": "base.yaml",
         "baseline": str(baseline),
@@ -103,7 +74,7 @@ def test_ray_arms_overlap_and_match_the_local_executor(workspace, ray_sweep):
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
     running_at = [sum(start <= t < end for start, end in spans) for t, _ in spans]
     assert max(running_at) == 2  # 2 CPUs, 1 per arm: never more at once
-    assert {e.job for e in events if e.state == "done"} == set(arms) | {"baseline"}
+    assert {e.job for e in events if e.state == "done"} == set(arms) | {"baseline_eval"}
 
     sweep, base_dir = load_sweep(workspace / "local.yaml")
     local_dir = run_sweep(sweep, base_dir, executor="local", on_event=lambda event: None)
@@ -162,6 +133,24 @@ def test_sweep_eval_writes_a_new_report_beside_the_sweep(ray_sweep, make_phantom
     assert len(per_volume) == 6
     assert table["dice_before"].isna().all()
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_seeded_baselines_train_in_parallel_and_each_arm_prunes_its_own(workspace):
+    sweep_file = workspace / "seeded.yaml"
+    sweep = {"name": "seeded", "config": "base.yaml", "ratios": {"half": {"default": 0.5}}, "modes": ["none"]}
+    sweep_file.write_text(yaml.safe_dump({**sweep, "seeds": [0, 1], "seed_baseline": True}))
+    events = []
+    report_dir = run_sweep(*load_sweep(sweep_file), executor="ray", on_event=events.append)
+    root = report_dir.parent
+    done = [e.job for e in events if e.state == "done"]
+    assert set(done[:2]) == {"baseline-s0", "baseline-s1"}
+    for seed in (0, 1):
+        meta = json.loads((root / "arms" / f"half-none-s{seed}" / "meta.json").read_text())
+        assert Path(meta["source_checkpoint"]).parent == root / f"baseline-s{seed}"
+    losses = [pd.read_csv(root / f"baseline-s{seed}" / "metrics.csv")["train_loss"] for seed in (0, 1)]
+    assert not losses[0].equals(losses[1])
+    summary = pd.read_csv(report_dir / "summary.csv")
+    assert summary.set_index("arm")["n_seeds"].to_dict() == {"baseline": 2, "half-none": 2}
 
 
 def flaky(marker: str, reporter=None) -> str:
@@ -240,7 +229,7 @@ def test_bad_ray_inputs_are_one_line_and_start_nothing(workspace, monkeypatch):
     gpu.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "name": "gpu", "gpus_per_arm": 1}))
     hidden = workspace / "hidden.yaml"
     hidden.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "name": "hidden"}))
-    monkeypatch.setattr(executors, "sees_file", lambda path: ("node-b", False))
+    monkeypatch.setattr(ray_executor, "sees_file", lambda path: ("node-b", False))
     cases = {
         gpu: "asks for GPUs .* but the Ray cluster has none",
         hidden: "Ray workers on node-b cannot see the sweep folder .*hidden",

@@ -10,18 +10,16 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
+from acdc_prune.experiments.report_plots import plot_pareto, plot_training_curves
+from acdc_prune.experiments.report_plots import pyplot as pyplot  # re-exported: modules import it from here
 from acdc_prune.experiments.stats import paired_bootstrap
-from acdc_prune.io import atomic_save_figure, atomic_write_text
+from acdc_prune.io import atomic_write_text
 
 STRUCTURE_NAMES = ("RV", "MYO", "LV")
 PHASE_NAMES = ("ED", "ES")
-MODE_STYLES = {
-    "baseline": ("black", "*"),
-    "none": ("#1f77b4", "o"),
-    "random": ("#d62728", "s"),
-    "rewind": ("#2ca02c", "^"),
-    "scratch": ("#9467bd", "D"),
-}
+PRUNING_COLUMNS = ("criterion", "scope", "ratios", "target_metric", "target")
+"""What an arm prunes, in the report's tables: criterion, scope, the ratios setting's name or the
+budget target (metric and fraction kept); empty for baselines."""
 
 
 def _mean(summary: dict[str, Any], *path: str) -> float | None:
@@ -39,8 +37,8 @@ def summary_row(arm: str, setting: str, mode: str, before: dict | None, after: d
 
     Args:
         arm: the row's name (``baseline`` or ``<setting>-<mode>``).
-        setting: the ratios setting's name (``-`` for the baseline).
-        mode: ``baseline``, ``none``, ``random``, ``rewind`` or ``scratch``.
+        setting: the pruning setting's name (``-`` for the baseline).
+        mode: ``baseline``, ``none``, ``random``, ``rewind``, ``lr_rewind`` or ``scratch``.
         before: summary of the pruned network before retraining (``None`` for the baseline).
         after: summary after retraining (the baseline's own summary for the baseline).
 
@@ -73,16 +71,21 @@ class ReportRun:
     """One evaluated model of a sweep, as the report reads it.
 
     Attributes:
-        arm: the row's name (``baseline``, ``baseline-s0``, ``half-none``, ``half-none-s1``).
+        arm: the row's name (``baseline``, ``baseline-s0``, ``half-none``, ``l1-global-macs0.1-none-s1``).
         group: the name over seeds (``baseline``, ``half-none``): rows of one group are averaged.
-        setting: the ratios setting (``-`` for a baseline).
-        mode: ``baseline``, ``none``, ``random``, ``rewind`` or ``scratch``.
+        setting: the pruning setting (``half``, ``l1-global-macs0.1``; ``-`` for a baseline).
+        mode: ``baseline``, ``none``, ``random``, ``rewind``, ``lr_rewind`` or ``scratch``.
         seed: the training seed, or ``None`` for a sweep without seeds.
         after: evaluation summary after retraining (a baseline's own summary).
         before: summary of the pruned network before retraining (``None`` for a baseline or when not
             measured).
         per_volume: ``per_volume.csv`` of the evaluation ``after`` came from (columns ``patient`` and
             ``mean_dice``, see ``acdc_prune.engine.evaluate``).
+        criterion: the importance criterion (``None`` for a baseline).
+        scope: ``block`` or ``global`` (``None`` for a baseline).
+        ratios: the ratios setting's name (``half``, ``uniform-0.5``); ``None`` for a target.
+        target_metric: ``macs``, ``params`` or ``latency`` for a budget target, else ``None``.
+        target: the fraction of ``target_metric`` kept, else ``None``.
     """
 
     arm: str
@@ -93,6 +96,11 @@ class ReportRun:
     after: dict[str, Any]
     before: dict[str, Any] | None
     per_volume: Path
+    criterion: str | None = None
+    scope: str | None = None
+    ratios: str | None = None
+    target_metric: str | None = None
+    target: float | None = None
 
 
 def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -110,7 +118,7 @@ def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-ID_COLUMNS = ("arm", "setting", "mode", "group", "seed")
+ID_COLUMNS = ("arm", "setting", "mode", "group", "seed", *PRUNING_COLUMNS)
 SPREAD_COLUMNS = (
     "dice_before",
     "dice",
@@ -131,7 +139,7 @@ def seed_summary(frame: pd.DataFrame) -> pd.DataFrame:
     grouped = values.groupby(frame["group"], sort=False)
     summary = grouped.mean()
     spread = grouped[list(SPREAD_COLUMNS)].std(ddof=1).add_suffix("_std")
-    names = frame.groupby("group", sort=False)[["setting", "mode"]].first()
+    names = frame.groupby("group", sort=False)[["setting", "mode", *PRUNING_COLUMNS]].first()
     summary.insert(0, "n_seeds", grouped.size())
     table = pd.concat([names, summary, spread], axis=1).rename_axis("arm").reset_index()
     return table
@@ -147,12 +155,27 @@ def per_patient_dice(per_volume: list[Path]) -> pd.Series:
     return pd.concat(per_run, axis=1).mean(axis=1)
 
 
+def budget_label(row: Any) -> str | None:
+    """What an arm of a summary row keeps, whatever the criterion and scope: its ratios setting's name
+    or its target (``macs0.1``); ``None`` for a baseline or a row without pruning columns."""
+    if isinstance(row.ratios, str):
+        return row.ratios
+    if isinstance(row.target_metric, str):
+        return f"{row.target_metric}{row.target:g}"
+    return None
+
+
 def comparison_pairs(summary: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """``(setting, a, b)`` for every arm against the baseline and every pair of modes at one setting."""
+    """``(label, a, b)``: every arm against the baseline, every pair of modes at one setting (labelled
+    with the setting), then every pair of settings (criteria, scopes) at one budget (the same ratios
+    setting or target, see :func:`budget_label`) and mode (labelled with the budget)."""
     arms = summary[summary["mode"] != "baseline"]
     pairs = [(row.setting, row.arm, "baseline") for row in arms.itertuples()]
     for setting, rows in arms.groupby("setting", sort=False):
         pairs += [(setting, a, b) for a, b in itertools.combinations(rows["arm"], 2)]
+    budgets = arms.assign(budget=[budget_label(row) for row in arms.itertuples()]).dropna(subset=["budget"])
+    for (budget, _), rows in budgets.groupby(["budget", "mode"], sort=False):
+        pairs += [(budget, a, b) for a, b in itertools.combinations(rows["arm"], 2)]
     return pairs
 
 
@@ -165,7 +188,8 @@ def significance_frame(summary: pd.DataFrame, dice: dict[str, pd.Series]) -> pd.
             only those scored in both groups count.
 
     Returns:
-        Columns ``setting``, ``a``, ``b``, ``n_patients``, ``diff`` (mean over patients of a - b),
+        Columns ``setting`` (the label of :func:`comparison_pairs`: the setting, or the budget of a
+        pair of settings), ``a``, ``b``, ``n_patients``, ``diff`` (mean over patients of a - b),
         ``ci_low``, ``ci_high`` and ``significant`` (the interval excludes 0).
     """
     rows = []
@@ -196,10 +220,16 @@ def with_baseline_significance(summary: pd.DataFrame, significance: pd.DataFrame
     return summary.join(versus, on="arm")
 
 
+def markdown(frame: pd.DataFrame) -> str:
+    """``frame`` as a Markdown table, numbers rounded to 4 decimals, missing values left blank."""
+    rounded = frame.round(4)
+    return rounded.astype(object).where(rounded.notna(), "").to_markdown(index=False) + "\n"
+
+
 def write_tables(frame: pd.DataFrame, out_dir: Path, stem: str = "comparison") -> None:
     """``<stem>.csv`` (full precision) and ``<stem>.md`` (rounded) in ``out_dir``."""
     atomic_write_text(out_dir / f"{stem}.csv", frame.to_csv(index=False))
-    atomic_write_text(out_dir / f"{stem}.md", frame.round(4).to_markdown(index=False) + "\n")
+    atomic_write_text(out_dir / f"{stem}.md", markdown(frame))
 
 
 def summary_markdown(summary: pd.DataFrame) -> pd.DataFrame:
@@ -239,10 +269,11 @@ def write_report(
 ) -> None:
     """Write a sweep's report into ``out_dir``.
 
-    Files: ``comparison.csv``/``.md`` (one row per run), ``summary.csv``/``.md`` (one row per group:
-    mean and std over seeds, and the paired difference to the baseline with its interval),
-    ``significance.csv``/``.md`` (each arm against the baseline and each pair of modes at one setting),
-    ``pareto.png`` (with error bars of one std over seeds) and, with ``curves``, ``curves.png``.
+    Files: ``comparison.csv``/``.md`` (one row per run, with what it prunes: the
+    :data:`PRUNING_COLUMNS`), ``summary.csv``/``.md`` (one row per group: mean and std over seeds, and
+    the paired difference to the baseline with its interval), ``significance.csv``/``.md`` (the pairs
+    of :func:`comparison_pairs`), ``pareto.png`` (:func:`plot_pareto`) and, with ``curves``,
+    ``curves.png``.
 
     The intervals are percentile bootstrap intervals (:func:`acdc_prune.experiments.stats.paired_bootstrap`,
     10,000 resamples, seed 0) of the mean over patients of the paired difference in per-patient mean
@@ -261,6 +292,7 @@ def write_report(
             **summary_row(run.arm, run.setting, run.mode, run.before, run.after),
             "group": run.group,
             "seed": run.seed,
+            **{column: getattr(run, column) for column in PRUNING_COLUMNS},
         }
         for run in runs
     ]
@@ -273,9 +305,7 @@ def write_report(
     )
     summary = with_baseline_significance(summary, significance)
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
-    atomic_write_text(
-        out_dir / "summary.md", summary_markdown(summary).round(4).to_markdown(index=False) + "\n"
-    )
+    atomic_write_text(out_dir / "summary.md", markdown(summary_markdown(summary)))
     write_tables(significance, out_dir, "significance")
     plot_pareto(summary, out_dir / "pareto.png")
     if curves:
@@ -333,82 +363,3 @@ def rich_table(summary: pd.DataFrame, title: str) -> Table:
     for _, row in summary.iterrows():
         table.add_row(*(_cell(column, row) for column in RICH_COLUMNS))
     return table
-
-
-def pyplot():
-    """matplotlib.pyplot on the headless Agg backend (figures are only ever written to files)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_pareto(summary: pd.DataFrame, path: Path) -> None:
-    """Mean Dice after retraining against parameters and MACs, one marker per mode (PNG).
-
-    Error bars span one standard deviation over seeds (``dice_std``) where there are several seeds.
-    """
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, column, label in ((axes[0], "params", "parameters"), (axes[1], "macs", "MACs per slice")):
-        for mode, group in summary.groupby("mode", sort=False):
-            color, marker = MODE_STYLES.get(str(mode), ("gray", "x"))
-            spread = group["dice_std"].fillna(0.0) if "dice_std" in group else None
-            ax.errorbar(
-                group[column],
-                group["dice"],
-                yerr=spread,
-                fmt=marker,
-                color=color,
-                ms=7,
-                capsize=3,
-                label=str(mode),
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean foreground 3D Dice (± std over seeds)")
-    axes[1].legend(title="mode")
-    fig.suptitle("Accuracy against size after retraining")
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=130)
-    plt.close(fig)
-
-
-def plot_training_curves(curves: dict[str, pd.DataFrame], modes: dict[str, str], path: Path) -> None:
-    """Training loss and validation Dice per epoch of every arm on one figure (PNG).
-
-    Colours follow the mode (as in :func:`plot_pareto`); arms of different ratios settings of one
-    mode differ by line style.
-
-    Args:
-        curves: arm name -> its ``metrics.csv`` table (columns ``epoch``, ``train_loss``, ``dice_mean``).
-        modes: arm name -> mode (``baseline``, ``none``, ``random``, ``rewind``, ``scratch``).
-        path: PNG to write.
-    """
-    plt = pyplot()
-    fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = ("-", "--", ":", "-.")
-    seen: dict[str, int] = {}
-    for arm, table in curves.items():
-        mode = modes[arm]
-        color, marker = MODE_STYLES.get(mode, ("gray", "x"))
-        style = styles[seen.get(mode, 0) % len(styles)]
-        seen[mode] = seen.get(mode, 0) + 1
-        line = {"color": color, "linestyle": style, "label": arm}
-        loss_ax.plot(table["epoch"], table["train_loss"], **line)
-        valid = table.dropna(subset=["dice_mean"])
-        dice_ax.plot(valid["epoch"], valid["dice_mean"], marker=marker, **line)
-    loss_ax.set_xlabel("epoch")
-    loss_ax.set_ylabel("training loss (DiceCE)")
-    loss_ax.set_yscale("log")
-    dice_ax.set_xlabel("epoch")
-    dice_ax.set_ylabel("validation mean foreground Dice")
-    for ax in (loss_ax, dice_ax):
-        ax.grid(alpha=0.3)
-    dice_ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=130)
-    plt.close(fig)
