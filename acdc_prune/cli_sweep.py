@@ -69,7 +69,9 @@ def sweep(
     executor: ExecutorOption = "local",
     ray_address: RayAddressOption = None,
 ) -> None:
-    """Baselines, then every setting (criterion x scope x ratios or target) x mode x seed: prune, retrain, evaluate; re-running resumes.
+    """Baselines, then every setting x mode x seed: prune, retrain, evaluate; re-running resumes.
+
+    A setting is a criterion x scope x block ratios, or a criterion x budget target.
 
     Example: acdc-prune sweep -c configs/acdc-sweep.yaml --data ~/ACDC/training --executor ray
     """
