@@ -3,6 +3,8 @@
 A config has six sections (``data``, ``model``, ``training``, ``pruning``, ``evaluation``,
 ``logging``). Every field has a type and, where it matters, a range or a set of choices; an unknown
 key is refused with the closest valid key as a hint, so a typo never silently falls back to a default.
+The module is a little over 450 lines on purpose: the whole schema, with every default and range,
+reads in one place, beside the small validator that enforces it.
 """
 
 from __future__ import annotations
