@@ -16,14 +16,18 @@ from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 from acdc_prune.bundle import load_network
 from acdc_prune.data.nifti import open_nifti, true_affine
 from acdc_prune.engine.checkpoints import load_model
-from acdc_prune.engine.cost import count_parameters
+from acdc_prune.engine.cost import count_macs, count_parameters
 from acdc_prune.models import UNet2D
 from acdc_prune.pruning import PruningPlan
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "acdc_unet_prune"
 CONFIGS = BUNDLE / "configs"
 META = CONFIGS / "metadata.json"
-SHIPPED = {"baseline": BUNDLE / "models" / "model.pt", "pruned": BUNDLE / "models" / "pruned" / "model.pt"}
+SHIPPED = {
+    "baseline": BUNDLE / "models" / "model.pt",
+    "pruned": BUNDLE / "models" / "pruned" / "model.pt",
+    "pruned10x": BUNDLE / "models" / "pruned10x" / "model.pt",
+}
 TINY_RECIPE = [
     "model.features=[4,8]",
     "model.bottleneck=8",
@@ -155,12 +159,21 @@ def test_shipped_models_load_safely_and_match_the_metadata(name):
     )
 
 
-def test_shipped_pruned_model_is_its_plan_applied_to_the_baseline():
+@pytest.mark.parametrize(("name", "at_most"), [("pruned", 0.3), ("pruned10x", 0.1)])
+def test_shipped_pruned_models_are_their_plans_applied_to_the_baseline(name, at_most):
     baseline, _, _ = load_model(SHIPPED["baseline"])
-    pruned, _, checkpoint = load_model(SHIPPED["pruned"])
-    plan = (SHIPPED["pruned"].parent / "plan.json").read_text()
+    pruned, _, checkpoint = load_model(SHIPPED[name])
+    plan = (SHIPPED[name].parent / "plan.json").read_text()
     assert PruningPlan.from_json(plan) == checkpoint.plan
-    assert count_parameters(pruned) < count_parameters(baseline) * 0.3
+    assert count_parameters(pruned) < count_parameters(baseline) * at_most
+    assert count_macs(pruned, (1, 1, 224, 224)) < count_macs(baseline, (1, 1, 224, 224)) * at_most
+
+
+def test_shipped_10x_copy_records_the_post_processing_its_validation_chose():
+    _, _, checkpoint = load_model(SHIPPED["pruned10x"])
+    choice = checkpoint.state["postprocessing"]
+    assert choice["largest_component"] is (choice["dice_mean_largest"] > choice["dice_mean"])
+    assert checkpoint.largest_component("auto") is True
 
 
 def test_missing_dataset_dir_is_one_line_error(tmp_path):

@@ -218,6 +218,12 @@ def test_weights_export_drops_training_state_and_rebuilds_the_same_network(runs,
     source = runs[which] / "best.pt"
     stored = torch.load(source, weights_only=True)
     stored["optimizer"] = {"state": {0: {"exp_avg": torch.ones(1000)}}, "param_groups": []}
+    stored["postprocessing"] = {
+        "largest_component": True,
+        "epoch": 2,
+        "dice_mean": 0.5,
+        "dice_mean_largest": 0.6,
+    }
     training = tmp_path / "src" / "training.pt"
     training.parent.mkdir()
     torch.save(stored, training)
@@ -226,6 +232,7 @@ def test_weights_export_drops_training_state_and_rebuilds_the_same_network(runs,
     assert result.exit_code == 0, result.output
     written = torch.load(out, weights_only=True)
     assert "optimizer" not in written
+    assert written["postprocessing"] == stored["postprocessing"]  # inference metadata stays
     assert out.stat().st_size < training.stat().st_size
     x = _inputs()[0]
     torch.testing.assert_close(_eager(out, x), _eager(runs[which], x), rtol=0, atol=0)

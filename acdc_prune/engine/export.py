@@ -348,8 +348,14 @@ def export_checkpoint(
     )
 
 
+INFERENCE_STATE = ("best_dice", "best_epoch", "postprocessing")
+"""Checkpoint entries a weights export keeps: what the model scored, and the post-processing the
+validation patients chose for it (``evaluation.largest_component: auto`` reads it)."""
+
+
 def export_weights(source: Path, out: Path, *, force: bool = False) -> ExportResult:
-    """Write a checkpoint's network alone: weights, config and pruning plan, without training state.
+    """Write a checkpoint's network alone: weights, config, pruning plan and :data:`INFERENCE_STATE`,
+    without training state.
 
     The result is an acdc-prune checkpoint (``Checkpoint.open``, ``acdc-prune evaluate`` and MONAI's
     ``CheckpointLoader`` with ``load_dict={"model": net}`` read it) about a third the size of a
@@ -378,7 +384,7 @@ def export_weights(source: Path, out: Path, *, force: bool = False) -> ExportRes
     stored = Checkpoint.open(source)
     if stored.plan is not None:
         refuse_existing(plan_file, force)
-    kept = {key: stored.state[key] for key in ("best_dice", "best_epoch") if key in stored.state}
+    kept = {key: stored.state[key] for key in INFERENCE_STATE if key in stored.state}
     slim = Checkpoint(stored.config, stored.weights, stored.epoch, stored.plan, kept)
     with tempfile.TemporaryDirectory() as scratch:
         data = slim.save(Path(scratch) / out.name).read_bytes()
