@@ -1,7 +1,10 @@
-"""Model cost counters: exact parameters, MACs and tensor memory on tiny networks; latency bookkeeping."""
+"""Model cost counters: exact parameters, MACs and memory of tiny networks (PyTorch and ONNX); latency."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
@@ -11,8 +14,11 @@ from acdc_prune.engine.cost import (
     count_parameters,
     measure_latency,
     model_cost,
+    onnx_parameters,
     peak_memory_bytes,
 )
+from acdc_prune.models.unet import UNet2D
+from acdc_prune.pruning import randomise_norm_statistics
 
 
 def _tiny_net() -> nn.Module:
@@ -72,3 +78,75 @@ def test_model_cost_combines_the_counters():
     assert cost["peak_memory"]["bytes"] == peak_memory_bytes(net, (1, 1, 16, 16))
     assert cost["peak_memory"]["device"] == "cpu"
     assert "latency_cuda" not in cost
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_onnx():
+    """A tiny UNet2D (stride 4, batch norm), its float ONNX export and its int8 QDQ model."""
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(package)
+    from acdc_prune.engine.formats import export_onnx
+    from acdc_prune.engine.quantize import quantize_onnx
+
+    torch.manual_seed(0)
+    model = randomise_norm_statistics(UNet2D(features=(4, 8), bottleneck=8)).eval()
+    float_bytes = export_onnx(model, torch.randn(2, 1, 12, 16), 4)
+    generator = torch.Generator().manual_seed(0)
+    int8_bytes, _ = quantize_onnx(
+        float_bytes, [torch.randn(1, 1, 16, 24, generator=generator) for _ in range(8)]
+    )
+    return model, float_bytes, int8_bytes
+
+
+def test_an_int8_onnx_model_counts_the_macs_and_parameters_of_its_float_network(tiny_unet_onnx):
+    from acdc_prune.engine.quantize import OnnxModel
+
+    model, float_bytes, int8_bytes = tiny_unet_onnx
+    float_onnx, int8 = OnnxModel(float_bytes), OnnxModel(int8_bytes)
+    for shape in [(1, 1, 16, 24), (3, 1, 20, 28)]:
+        assert count_macs(int8, shape) == count_macs(float_onnx, shape) == count_macs(model, shape) > 0
+    # Without a recorded count, the graph's weights: int8 ones count their elements as float ones do.
+    # The exporter folded each of the 10 BatchNorms into the conv before it: C biases for 2 C parameters.
+    folded = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert count_parameters(int8) == count_parameters(float_onnx) == count_parameters(model) - folded == 4836
+    # `acdc-prune quantize` records the float network's count in the summary; the cost report takes it.
+    recorded = OnnxModel(int8_bytes, {"source": {"params": count_parameters(model)}})
+    cfg = EvaluationConfig(latency_repeats=1, latency_warmup=0, latency_size=[16, 24])
+    cost = model_cost(recorded, cfg, in_channels=1, device="cpu")
+    assert (cost["params"], cost["macs"]) == (count_parameters(model), count_macs(model, (1, 1, 16, 24)))
+
+
+def test_onnx_parameters_count_weights_biases_and_norm_scales_once():
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    def initializer(name, dims, dtype=TensorProto.FLOAT):
+        return helper.make_tensor(name, dtype, dims, [0] * math.prod(dims))
+
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"]),
+        helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"]),
+        helper.make_node("Conv", ["n", "w", "b"], ["c2"]),  # shares the first conv's weights
+        helper.make_node("Flatten", ["c2"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["m"]),
+        helper.make_node("Add", ["m", "fc_bias"], ["y"]),
+    ]
+    inits = [
+        initializer("w_q", [4, 4, 3, 3], TensorProto.INT8),
+        initializer("w_scale", [4]),
+        initializer("w_zero", [4], TensorProto.INT8),
+        initializer("b", [4]),
+        *(initializer(name, [4]) for name in ("gamma", "beta", "mean", "var")),
+        initializer("fc", [64, 2]),
+        initializer("fc_bias", [2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        inits,
+    )
+    # int8 weight 144 + bias 4, BatchNorm scale and shift 8 (not its statistics), linear 128 + 2.
+    assert onnx_parameters(helper.make_model(graph)) == 144 + 4 + 8 + 128 + 2

@@ -6,6 +6,13 @@ Methods (also in ``docs/evaluation.md``):
   BatchNorm running statistics are not parameters.
 * MACs: ``torch.utils.flop_counter.FlopCounterMode`` FLOPs of one eval-mode forward divided by 2
   (it counts a multiply-accumulate as 2 FLOPs; bias adds, norms and activations are not counted).
+* ONNX models run by onnxruntime (:class:`acdc_prune.engine.quantize.OnnxModel`, int8 or float) have
+  no torch parameters and run no torch operators, so both come from the ONNX graph instead: MACs
+  from its convolution and matrix-product shapes at the input shape (:func:`onnx_macs`, the same
+  rules as ``FlopCounterMode``, so an int8 model has exactly its float network's MACs); parameters
+  are the float network's count recorded in the model's summary (``acdc-prune quantize`` records
+  it), else the weight elements of the graph (:func:`onnx_parameters`). An int8 weight counts as
+  many parameters as the float weight it replaces (its number of elements).
 * Latency: wall-clock time of eval-mode forward passes under ``torch.inference_mode`` after
   untimed warm-up passes, divided by the batch size; median and inter-quartile range over repeats.
   CUDA timings synchronise the device before reading the clock.
@@ -19,6 +26,7 @@ Methods (also in ``docs/evaluation.md``):
 from __future__ import annotations
 
 import copy
+import math
 import os
 import statistics
 import time
@@ -34,11 +42,138 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from acdc_prune.config import EvaluationConfig
+from acdc_prune.errors import ExportError
+
+#: ONNX operators whose initializer inputs after the data input are parameters: weights and biases of
+#: convolutions and matrix products, scales and shifts of norms (not their running statistics), slopes.
+_ONNX_PARAMETER_INPUTS: dict[str, slice] = {
+    "Conv": slice(1, 3),
+    "ConvTranspose": slice(1, 3),
+    "Gemm": slice(1, 3),
+    "MatMul": slice(1, 2),
+    "BatchNormalization": slice(1, 3),
+    "InstanceNormalization": slice(1, 3),
+    "LayerNormalization": slice(1, 3),
+    "GroupNormalization": slice(1, 3),
+    "PRelu": slice(1, 2),
+}
+
+
+def _onnx_proto(model: nn.Module) -> Any | None:
+    """The ``onnx.ModelProto`` of a model that onnxruntime runs, ``None`` for a PyTorch network."""
+    from acdc_prune.engine.quantize import OnnxModel
+
+    if not isinstance(model, OnnxModel):
+        return None
+    import onnx
+
+    return onnx.load_model_from_string(model.data)
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameter elements of ``model`` (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameter elements of ``model`` (shared parameters counted once).
+
+    For an :class:`acdc_prune.engine.quantize.OnnxModel`: the float network's count recorded in its
+    summary (``source.params``, written by ``acdc-prune quantize``), else :func:`onnx_parameters`.
+    """
+    proto = _onnx_proto(model)
+    if proto is None:
+        return sum(p.numel() for p in model.parameters())
+    recorded = model.info.get("source", {}).get("params")
+    return int(recorded) if recorded is not None else onnx_parameters(proto)
+
+
+def onnx_parameters(proto: Any) -> int:
+    """Parameters of an ONNX graph: the elements of every distinct initializer that is a weight or bias.
+
+    Counted: weights and biases of ``Conv``, ``ConvTranspose``, ``Gemm`` and ``MatMul`` (and a bias
+    added to a ``MatMul`` result), scales and shifts of norms, ``PRelu`` slopes. A quantized weight
+    or bias (an initializer read through ``DequantizeLinear``) counts its elements, as the float one
+    does; quantization scales and zero points, like norm running statistics, are not parameters.
+    An exporter that folds a BatchNorm into the convolution before it leaves that convolution's
+    ``C`` biases for the ``2 C`` BatchNorm scales and shifts of the PyTorch network.
+
+    Args:
+        proto: an ``onnx.ModelProto``.
+    """
+    graph = proto.graph
+    sizes = {tensor.name: math.prod(tensor.dims) for tensor in graph.initializer}
+    dequantized = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    products = {node.output[0] for node in graph.node if node.op_type == "MatMul"}
+    counted: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "Add" and products.intersection(node.input):
+            inputs = list(node.input)
+        else:
+            inputs = list(node.input[_ONNX_PARAMETER_INPUTS.get(node.op_type, slice(0))])
+        counted.update(dequantized.get(name, name) for name in inputs)
+    return sum(sizes[name] for name in counted if name in sizes)
+
+
+def _onnx_shapes(proto: Any, input_shape: tuple[int, ...]) -> dict[str, list[int | None]]:
+    """Shape of every value of an ONNX graph when its first input has ``input_shape`` (onnx inference).
+
+    Raises:
+        ExportError: the graph's shapes cannot be inferred at this input shape.
+    """
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    for dim, size in zip(fixed.graph.input[0].type.tensor_type.shape.dim, input_shape, strict=True):
+        dim.Clear()
+        dim.dim_value = size
+    # The exporter's symbolic intermediate shapes would be kept as they are: infer them afresh.
+    del fixed.graph.value_info[:]
+    for output in fixed.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=True).graph
+    except Exception as err:  # onnx raises its own error types for inconsistent shapes
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ExportError(
+            f"cannot infer the ONNX model's shapes at input {list(input_shape)}: {reason}"
+        ) from None
+    shapes: dict[str, list[int | None]] = {tensor.name: list(tensor.dims) for tensor in inferred.initializer}
+    for value in (*inferred.input, *inferred.value_info, *inferred.output):
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+def onnx_macs(proto: Any, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one run of an ONNX graph, counted as :func:`count_macs` counts them.
+
+    ``Conv``: batch x output positions x weight elements; ``ConvTranspose``: batch x input positions x
+    weight elements; ``Gemm`` and ``MatMul``: output elements x the inner dimension. Whether a
+    weight is int8 or float does not change the count.
+
+    Args:
+        proto: an ``onnx.ModelProto`` whose first input is the image.
+        input_shape: that input's shape, e.g. ``(1, 1, 224, 224)``.
+
+    Raises:
+        ExportError: a counted operator's shapes cannot be inferred at ``input_shape``.
+    """
+    shapes = _onnx_shapes(proto, input_shape)
+
+    def shape(name: str) -> list[int]:
+        dims = shapes.get(name)
+        if dims is None or None in dims:
+            raise ExportError(f"the ONNX model's shape of '{name}' at input {list(input_shape)} is unknown")
+        return dims
+
+    macs = 0
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            positions = shape(node.output[0] if node.op_type == "Conv" else node.input[0])
+            macs += positions[0] * math.prod(positions[2:]) * math.prod(shape(node.input[1]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            left = shape(node.input[0])
+            transposed = any(a.name == "transA" and a.i for a in node.attribute)
+            inner = left[0] if node.op_type == "Gemm" and transposed else left[-1]
+            macs += math.prod(shape(node.output[0])) * inner
+    return macs
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -71,8 +206,12 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         input_shape: full input shape including the batch, e.g. ``(1, 1, 224, 224)``.
 
     Returns:
-        ``FlopCounterMode`` total FLOPs // 2.
+        ``FlopCounterMode`` total FLOPs // 2; for an :class:`acdc_prune.engine.quantize.OnnxModel`,
+        :func:`onnx_macs` of its graph.
     """
+    proto = _onnx_proto(model)
+    if proto is not None:
+        return onnx_macs(proto, input_shape)
     with _eval_on(model, _model_device(model)) as net, torch.no_grad():
         x = torch.zeros(input_shape, device=_model_device(net))
         counter = FlopCounterMode(display=False)

@@ -119,10 +119,7 @@ class CostModel:
     """
 
     def __init__(self, analysis: Analysis) -> None:
-        find = analysis.graph.elements.find
-        root_of = torch.tensor(
-            [find(e) for e in range(len(analysis.graph.elements.parent))], dtype=torch.long
-        )
+        root_of = torch.tensor(analysis.graph.elements.roots(), dtype=torch.long)
         self.size = len(root_of)
         self.terms = {
             "macs": _Terms(_mac_terms(analysis), root_of),

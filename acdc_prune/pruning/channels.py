@@ -13,11 +13,12 @@ class UnionFind:
     def __init__(self) -> None:
         self.parent: list[int] = []
 
-    def add(self, n: int) -> list[int]:
-        """Create ``n`` new singleton elements and return their ids."""
+    def add(self, n: int, joined: bool = False) -> list[int]:
+        """Create ``n`` new elements and return their ids: singletons, or one set when ``joined``."""
         start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return list(range(start, start + n))
+        ids = list(range(start, start + n))
+        self.parent.extend([start] * n if joined else ids)
+        return ids
 
     def find(self, a: int) -> int:
         """Representative of ``a``'s set."""
@@ -32,6 +33,17 @@ class UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
+
+    def roots(self) -> list[int]:
+        """The representative of every element (``roots()[a] == find(a)``), in one pass.
+
+        No element's parent has a larger id than itself (``union`` and ``find`` only link to smaller
+        ids), so the representatives of an element's ancestors are known when the element is reached.
+        """
+        roots: list[int] = []
+        for a, parent in enumerate(self.parent):
+            roots.append(a if parent == a else roots[parent])
+        return roots
 
 
 @dataclass(frozen=True)

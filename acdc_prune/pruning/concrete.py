@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -173,11 +173,21 @@ class ConcreteTracer(LeafTracer):
     *values* cannot be captured and raises ``PruningError``. A submodule whose forward cannot be
     traced otherwise (einops, an unsupported Python construct) is recorded as one call instead: an
     opaque block, listed in :attr:`opaque`.
+
+    Args:
+        placeholder_values: forward parameter name -> its example value.
+        run_module: ``(module, args, kwargs) -> output`` evaluating each recorded module call (a
+            :class:`~acdc_prune.pruning.recorded.ReplayCalls`); by default the module is called.
     """
 
-    def __init__(self, placeholder_values: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        placeholder_values: dict[str, Any],
+        run_module: Callable[[torch.nn.Module, tuple, dict], Any] | None = None,
+    ) -> None:
         super().__init__()
         self._placeholder_values = placeholder_values
+        self._run_module = run_module or (lambda module, args, kwargs: module(*args, **kwargs))
         self._evaluating = 0
         self._recording = 0
         self._output_depth = 0
@@ -278,7 +288,7 @@ class ConcreteTracer(LeafTracer):
                 return target(*args, **kwargs)
             if kind == "call_method":
                 return getattr(args[0], target)(*args[1:], **kwargs)
-            return self.root.get_submodule(target)(*args, **kwargs)
+            return self._run_module(self.root.get_submodule(target), args, kwargs)
         finally:
             self._evaluating -= 1
 

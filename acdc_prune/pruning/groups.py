@@ -78,9 +78,7 @@ class ChannelAnalysis:
     def fresh(self, n: int, pinned: bool = False) -> list[int]:
         """``n`` new elements, linked into one group (the channels of one new tensor)."""
         ids = self.elements.add(n)
-        self.groups.add(n)
-        for a, b in zip(ids, ids[1:], strict=False):
-            self.groups.union(a, b)
+        self.groups.add(n, joined=True)
         if pinned:
             self.pinned.update(ids)
         return ids
@@ -161,6 +159,35 @@ class ChannelAnalysis:
                 self.producers.append(name)
         return use
 
+    def producer(
+        self,
+        node: Node,
+        module: nn.Module,
+        source: Any,
+        kind: str,
+        sizes: tuple[int, int],
+        dim: int | None = 1,
+    ) -> tuple[LayerUse, bool]:
+        """A layer that creates new output channels from its inputs (a conv, a linear).
+
+        On its first call its outputs become fresh elements and it is listed among the producers;
+        every call binds its input elements (see :meth:`bind_inputs`).
+
+        Args:
+            node: its ``call_module`` node; module: the module; source: the node of its input.
+            kind: its :class:`LayerUse` kind (``"conv"``, ``"linear"``...).
+            sizes: ``(output channels, input channels)``.
+            dim: the axis of the input holding the channels (``None``: the last axis).
+
+        Returns:
+            Its :class:`LayerUse` and whether this was its first call.
+        """
+        name = str(node.target)
+        first_call = name not in self.layers
+        use = self.layer(name, kind, module, self.fresh(sizes[0]) if first_call else None, producer=True)
+        self.bind_inputs(use, self.input_elems(source, sizes[1], dim), first_call)
+        return use, first_call
+
     def bind_inputs(self, use: LayerUse, in_elems: list[int] | None, first_call: bool) -> None:
         """Record a call's input elements; a module called twice must see the same channels."""
         if first_call:
@@ -221,7 +248,8 @@ class ChannelAnalysis:
                 aligned = chan.dim + offset
                 same_axis = primary is not None and aligned == primary.dim
                 if same_axis and shape[chan.dim] == out[aligned]:
-                    self.merge_all(primary.elems, chan.elems)
+                    if chan.elems is not primary.elems:  # merging the operand that gave it changes nothing
+                        self.merge_all(primary.elems, chan.elems)
                 else:
                     self.pin(chan)
                     if not (same_axis and shape[chan.dim] == 1):

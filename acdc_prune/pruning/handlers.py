@@ -98,14 +98,10 @@ class ConvHandler(LayerHandler):
     """Convs, transposed convs, grouped and depthwise convs: new output channels from their inputs."""
 
     def analyse(self, ctx: ChannelAnalysis, node: Node, module: nn.Module, source: Any) -> Chan:
-        name = str(node.target)
-        first_call = name not in ctx.layers
-        out = ctx.fresh(module.out_channels) if first_call else None
-        use = ctx.layer(name, "conv", module, out, producer=True)
-        in_elems = ctx.input_elems(source, module.in_channels)
-        ctx.bind_inputs(use, in_elems, first_call)
+        sizes = (module.out_channels, module.in_channels)
+        use, first_call = ctx.producer(node, module, source, "conv", sizes)
         if first_call and module.groups > 1:
-            self._merge_groups(ctx, module, use.out_elems, in_elems)
+            self._merge_groups(ctx, module, use.out_elems, use.in_elems)
         return Chan(tuple(use.out_elems), 1)
 
     @staticmethod
@@ -164,11 +160,8 @@ class LinearHandler(LayerHandler):
     """Linear layers: new output features (the last axis) from their input features."""
 
     def analyse(self, ctx: ChannelAnalysis, node: Node, module: nn.Module, source: Any) -> Chan:
-        name = str(node.target)
-        first_call = name not in ctx.layers
-        out = ctx.fresh(module.out_features) if first_call else None
-        use = ctx.layer(name, "linear", module, out, producer=True)
-        ctx.bind_inputs(use, ctx.input_elems(source, module.in_features, dim=None), first_call)
+        sizes = (module.out_features, module.in_features)
+        use, _ = ctx.producer(node, module, source, "linear", sizes, dim=None)
         return Chan(tuple(use.out_elems), len(ctx.shapes[node]) - 1)
 
     def resize(

@@ -40,21 +40,21 @@ class ChannelGroup:
 
 def channel_groups(graph: ChannelGraph) -> tuple[list[ChannelGroup], set[int]]:
     """The coupled groups of a channel graph in execution order, and its pinned channel sets (roots)."""
-    find = graph.elements.find
-    pinned = {find(e) for e in graph.pinned}
+    root_of, group_of = graph.elements.roots(), graph.groups.roots()
+    pinned = {root_of[e] for e in graph.pinned}
     by_id: dict[int, ChannelGroup] = {}
     seen: set[int] = set()
     for name in graph.producers:
         for element in graph.layers[name].out_elems:
-            group = by_id.setdefault(graph.groups.find(element), ChannelGroup([], []))
+            group = by_id.setdefault(group_of[element], ChannelGroup([], []))
             if name not in group.producers:
                 group.producers.append(name)
-            root = find(element)
+            root = root_of[element]
             if root not in seen:
                 seen.add(root)
                 group.roots.append(root)
     for elements, num_groups in graph.multiples:
-        for group_id in {graph.groups.find(e) for e in elements}:
+        for group_id in {group_of[e] for e in elements}:
             if group_id in by_id:
                 by_id[group_id].multiple = math.lcm(by_id[group_id].multiple, num_groups)
     return list(by_id.values()), pinned
@@ -74,9 +74,10 @@ def reduce_to_sets(
         Channel set (union-find root) -> score.
     """
     totals: dict[int, float] = {}
+    root_of = graph.elements.roots()
     for name, values in per_layer.items():
         for element, value in zip(graph.layers[name].out_elems, values.tolist(), strict=True):
-            root = graph.elements.find(element)
+            root = root_of[element]
             totals[root] = totals.get(root, 0.0) + value**power
     return totals if power == 1 else {root: total ** (1 / power) for root, total in totals.items()}
 

@@ -300,12 +300,12 @@ _LABELS: dict[str, Callable[[ChannelGroup, Mapping[str, float]], tuple[str, floa
 
 def layer_plans(graph: ChannelGraph, removed: set[int]) -> dict[str, LayerPlan]:
     """The :class:`LayerPlan` of every layer whose channels change when ``removed`` sets go."""
-    find = graph.elements.find
+    root_of = graph.elements.roots()
 
     def kept(elements: list[int] | None) -> list[int] | None:
         if elements is None:
             return None
-        indices = [i for i, e in enumerate(elements) if find(e) not in removed]
+        indices = [i for i, e in enumerate(elements) if root_of[e] not in removed]
         return None if len(indices) == len(elements) else indices
 
     layers = {}

@@ -90,8 +90,15 @@ def keep_applicable(graph: ChannelGraph, removed: set[int], scores: Mapping[int,
     Returns:
         A subset of ``removed``.
     """
-    find = graph.elements.find
+    root_of = graph.elements.roots()
     kept_removed = set(removed)
+    sides = [
+        roots
+        for use in graph.layers.values()
+        for elems in (use.out_elems, use.in_elems)
+        if (roots := {root_of[e] for e in elems or ()})
+    ]
+    multiples = [([root_of[e] for e in elems], num_groups) for elems, num_groups in graph.multiples]
 
     def restore(roots: set[int]) -> None:
         kept_removed.discard(max(roots, key=lambda r: (scores.get(r, 0.0), -r)))
@@ -99,14 +106,11 @@ def keep_applicable(graph: ChannelGraph, removed: set[int], scores: Mapping[int,
     changed = True
     while changed:
         changed = False
-        for use in graph.layers.values():
-            for elems in (use.out_elems, use.in_elems):
-                roots = {find(e) for e in elems or ()}
-                if roots and roots <= kept_removed:
-                    restore(roots)
-                    changed = True
-        for elems, num_groups in graph.multiples:
-            roots = [find(e) for e in elems]
+        for roots in sides:
+            if roots <= kept_removed:
+                restore(roots)
+                changed = True
+        for roots, num_groups in multiples:
             while sum(r not in kept_removed for r in roots) % num_groups:
                 restore(set(roots) & kept_removed)
                 changed = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +22,7 @@ from acdc_prune.pruning.concrete import (
     shape_of,
 )
 from acdc_prune.pruning.errors import PruningError
+from acdc_prune.pruning.recorded import RecordedCalls
 
 #: Relative and absolute tolerance of the trace verification (the graph replays the same kernels).
 _RTOL, _ATOL = 1e-4, 1e-5
@@ -87,14 +88,27 @@ class _Replay(torch.fx.Interpreter):
         reference: optional module path -> the model's outputs of each call of that module (from
             forward hooks); the run then stops with :class:`_Diverged` at the first ``call_module``
             node whose output differs.
+        run_module: optional ``(module, args, kwargs) -> output`` that runs ``call_module`` nodes
+            (a :class:`~acdc_prune.pruning.recorded.ReplayCalls`); by default the module is called.
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, reference: dict[str, list[Any]] | None = None):
+    def __init__(
+        self,
+        graph_module: torch.fx.GraphModule,
+        reference: dict[str, list[Any]] | None = None,
+        run_module: Callable[[torch.nn.Module, tuple, dict], Any] | None = None,
+    ):
         super().__init__(graph_module)
         self.extra_traceback = False
         self.shapes: dict[torch.fx.Node, Any] = {}
         self.reference = reference
+        self.run_module = run_module
         self.calls: dict[str, int] = {}
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if self.run_module is None:
+            return super().call_module(target, args, kwargs)
+        return self.run_module(self.fetch_attr(target), args, kwargs)
 
     def output(self, target: Any, args: tuple, kwargs: dict) -> Any:
         # fx hands the output over in its immutable containers; the model returns plain ones.
@@ -230,16 +244,19 @@ def _symbolic_graph(model: torch.nn.Module, defaults: dict[str, Any]) -> torch.f
 
 
 def _concrete_graph(
-    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], defaults: dict[str, Any]
+    model: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    defaults: dict[str, Any],
+    recorded: RecordedCalls,
 ) -> tuple[torch.fx.GraphModule, ConcreteTracer]:
     """Trace with concrete shapes; ``PruningError`` naming the module when an op cannot be recorded.
 
     Returns the graph and the tracer, which holds each node's value shape, the output and the opaque
     modules, all computed while tracing: every node is evaluated on its arguments' values as it is
-    recorded, which is exactly a replay.
+    recorded, which is exactly a replay (taking the ``recorded`` outputs of identical layer calls).
     """
     values = dict(zip(_input_names(model, len(inputs)), inputs, strict=True))
-    tracer = ConcreteTracer(values)
+    tracer = ConcreteTracer(values, recorded.replay())
     try:
         with concrete_patches():
             graph = tracer.trace(model, concrete_args=defaults or None)
@@ -258,10 +275,10 @@ def _concrete_graph(
 
 
 def _verified(
-    graph_module: torch.fx.GraphModule, inputs: tuple, reference: Any
+    graph_module: torch.fx.GraphModule, inputs: tuple, reference: Any, recorded: RecordedCalls
 ) -> dict[torch.fx.Node, Any] | None:
     """Node shapes when the graph reproduces ``reference`` on ``inputs``; otherwise ``None``."""
-    replay = _Replay(graph_module)
+    replay = _Replay(graph_module, run_module=recorded.replay())
     try:
         output = replay.run(*inputs)
     except _ReplayError:
@@ -288,7 +305,9 @@ def trace_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Tra
     function opaque to the channel analysis, or yields a graph whose replay differs from the model
     (MONAI's ``UpCat`` silently drops its skip under symbolic tracing), the model is traced again
     with the example input's concrete shapes and verified again. The model runs in eval mode under
-    ``torch.no_grad`` and is left exactly as it was.
+    ``torch.no_grad`` and is left exactly as it was. It runs once: the replays take its recorded
+    conv and linear outputs wherever they call those layers identically (see
+    :class:`~acdc_prune.pruning.recorded.RecordedCalls`).
 
     Args:
         model: any ``nn.Module``.
@@ -306,9 +325,11 @@ def trace_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Tra
             reproduces the model's output.
     """
     defaults = _extra_defaults(model, len(inputs))
+    recorded = RecordedCalls(model)
     with eval_mode(model), torch.no_grad():
         try:
-            reference = model(*inputs)
+            with recorded.recording():
+                reference = model(*inputs)
         except Exception as error:
             raise PruningError(
                 f"{type(model).__name__} cannot run on the example input of shape "
@@ -316,10 +337,10 @@ def trace_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Tra
             ) from error
         graph_module = _symbolic_graph(model, defaults)
         if graph_module is not None:
-            shapes = _verified(graph_module, inputs, reference)
+            shapes = _verified(graph_module, inputs, reference, recorded)
             if shapes is not None:
                 return TracedModel(graph_module, shapes, "symbolic")
-        graph_module, tracer = _concrete_graph(model, inputs, defaults)
+        graph_module, tracer = _concrete_graph(model, inputs, defaults, recorded)
         same, deviation = _same_output(reference, tracer.output)
         if not same:
             raise PruningError(
