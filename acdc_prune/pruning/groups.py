@@ -1,4 +1,9 @@
-"""Channel dependency analysis of a traced graph: which channels of which layers must go together."""
+"""Channel dependency analysis of a traced graph: which channels of which layers must go together.
+
+Over 450 lines on purpose: it is one class, ``ChannelAnalysis``, whose channel-set bookkeeping the
+layer handlers (``handlers.py``) and function rules (``functions.py``) call back into; splitting the
+class would spread one piece of state over several modules.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Planning: trace, group channels, score them, and choose what each group keeps (block-wise or global)."""
+"""Planning: trace, group channels, score them, and choose what each group keeps (block-wise or global).
+
+A little over 450 lines: the block-wise and global choices share their limits, steps and plan
+building, which ``budget.py`` reuses; kept together so the two scopes stay one algorithm.
+"""
 
 from __future__ import annotations
 
