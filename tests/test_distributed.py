@@ -39,6 +39,7 @@ CHECKPOINT_KEYS = {
     "history",
     "best_dice",
     "best_epoch",
+    "postprocessing",
 }
 
 
