@@ -149,3 +149,20 @@ def test_the_cli_prunes_to_a_target_with_a_data_criterion(trained_run, tmp_path)
     assert "taylor, global scope, target 0.5 of macs" in result.output
     (child,) = set((trained_run / "pruned").glob("none-*")) - before
     assert json.loads((child / "meta.json").read_text())["importance"] == "taylor"
+
+
+def test_pruning_scores_with_the_post_processing_each_checkpoint_chose():
+    from acdc_prune.config import Config
+    from acdc_prune.engine.checkpoints import Checkpoint
+    from acdc_prune.experiments.prune import _resolved_postprocessing
+
+    config = Config()
+    chose = Checkpoint(config, {}, epoch=1, state={"postprocessing": {"largest_component": True}})
+    assert _resolved_postprocessing(config, chose).evaluation.largest_component is True
+    assert (
+        _resolved_postprocessing(config, Checkpoint(config, {}, epoch=1)).evaluation.largest_component
+        is False
+    )
+    assert config.evaluation.largest_component == "auto"  # the run's own config is left as set
+    config.evaluation.largest_component = False
+    assert _resolved_postprocessing(config, chose).evaluation.largest_component is False

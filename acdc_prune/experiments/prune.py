@@ -145,6 +145,13 @@ def _retraining_config(config: Config, trained_epochs: int) -> Config:
     return retrain
 
 
+def _resolved_postprocessing(config: Config, checkpoint: Checkpoint) -> Config:
+    """A copy of ``config`` whose ``evaluation.largest_component`` is resolved for ``checkpoint``."""
+    resolved = copy.deepcopy(config)
+    resolved.evaluation.largest_component = checkpoint.largest_component(config.evaluation.largest_component)
+    return resolved
+
+
 def _retrain(
     pruned: nn.Module,
     plan: PruningPlan,
@@ -320,11 +327,15 @@ def _prune_once(
         )
         meta["batchnorm_recalibrated"] = _recalibrate(pruned, config, batches)
         atomic_write_json(staging / "meta.json", meta)
-        before = evaluate_records(pruned, config, val_records, staging / "eval_before", reporter).summary
+        # Post-processing as the baseline's evaluation applies it: ``auto`` takes the choice recorded
+        # with the source before retraining, and the retrained child's own choice after it.
+        scoring = _resolved_postprocessing(config, source)
+        before = evaluate_records(pruned, scoring, val_records, staging / "eval_before", reporter).summary
         final = _retrain(pruned, plan, config, source.config.training.epochs, staging, reporter)
         after = before
         if config.pruning.retrain_epochs > 0:
-            after = evaluate_records(final, config, val_records, staging / "eval_after", reporter).summary
+            scoring = _resolved_postprocessing(config, Checkpoint.open(staging))
+            after = evaluate_records(final, scoring, val_records, staging / "eval_after", reporter).summary
         summary = {k: v for k, v in meta.items() if k != "widths"}
         atomic_write_json(staging / "result.json", {"meta": summary, "before": before, "after": after})
     return PruneResult(out_dir=out_dir, meta=meta, before=before, after=after)
