@@ -168,3 +168,21 @@ def test_recalibration_after_pruning_takes_input_target_pairs_and_a_callable(pha
     with torch.no_grad():
         out = pruned(batches[0][0])
     assert torch.isfinite(F.softmax(out, 1)).all()
+
+
+def test_budget_removes_the_least_important_channel_even_where_another_saves_more() -> None:
+    """Filter L1 norms, normalised by their layer's mean: 0.25 for conv ``0``'s first filter, 0.36
+    for conv ``2``'s; a channel of conv ``2`` saves 3x the MACs of one of conv ``0``. Ranked per
+    unit of cost, conv ``2``'s filter would go first; by importance, conv ``0``'s does."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    model.append(nn.Conv2d(4, 8, 3, padding=1))
+    with torch.no_grad():
+        for conv, first in ((model[0], 0.2), (model[2], 0.3)):
+            conv.weight.copy_(torch.sign(conv.weight) / conv.weight[0].numel())  # every filter's L1 is 1
+            conv.weight[0] *= first
+    per_pixel = 1 * 4 + 9 * 4 * 4 + 9 * 4 * 8  # MACs of convs 0, 2 and 4 at every position
+    one_channel = (1 * 3 + 9 * 3 * 4 + 9 * 4 * 8) / per_pixel  # conv 0 keeps 3 filters: 0.915
+    result = plan_to_budget(model.eval(), X, one_channel, tolerance=0.2)  # either filter would do
+    kept_out = {name: layer.kept_out for name, layer in result.plan.layers.items()}
+    assert kept_out.get("0") == [1, 2, 3]
+    assert kept_out.get("2") in (None, [0, 1, 2, 3])

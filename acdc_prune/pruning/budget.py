@@ -22,7 +22,7 @@ from acdc_prune.pruning.planner import (
     analyse_model,
     build_plan,
     check_limits,
-    global_steps,
+    global_order,
     layer_plans,
     take_steps,
 )
@@ -55,12 +55,6 @@ class _Terms:
         """The sum of the terms with only the ``keep`` channel sets (bool, one per element id)."""
         counts = self.counts(keep)
         return float((self.coef * counts[: self.n] * counts[self.n :]).sum())
-
-    def savings(self, keep: torch.Tensor) -> torch.Tensor:
-        """First-order saving of removing each channel set alone from ``keep`` (float64, per element id)."""
-        counts = self.counts(keep)
-        other = torch.cat([counts[self.n :], counts[: self.n]]) * torch.cat([self.coef, self.coef])
-        return torch.zeros(keep.shape[0], dtype=torch.float64).index_add(0, self.index, other[self.segment])
 
 
 def _weight_term(use: LayerUse) -> Term:
@@ -174,7 +168,7 @@ class BudgetResult:
 
 @dataclass
 class _Search:
-    """What a budget search works with: steps ordered by importance lost per cost saved."""
+    """What a budget search works with: the global ranking's steps, least important first."""
 
     analysis: Analysis
     costs: CostModel
@@ -278,20 +272,6 @@ SEARCHES: dict[str, Callable[[_Search], tuple[torch.Tensor, dict[str, float]]]] 
 }
 
 
-def _cost_order(analysis: Analysis, steps: list[Step], costs: CostModel, metric: str) -> list[Step]:
-    """Steps by normalised importance lost per unit of cost saved (latency ranks by MACs)."""
-    terms = costs.terms["params" if metric == "params" else "macs"]
-    savings = terms.savings(costs.keep(()))
-    per_channel = {}
-    for step in steps:
-        per_channel.setdefault(step.group, []).extend(step.roots)
-    unit = {group: float(savings[roots].mean()) for group, roots in per_channel.items()}
-    return sorted(
-        steps,
-        key=lambda s: (s.threshold / unit[s.group] if unit[s.group] > 0 else float("inf"), s.group, s.index),
-    )
-
-
 def _check_budget(target: float, metric: str, measure: Callable | None, tolerance: float) -> None:
     if metric not in SEARCHES:
         raise PruningError(f"budget metric '{metric}' is not one of {', '.join(SEARCHES)}")
@@ -323,8 +303,10 @@ def plan_to_budget(
     """Plan pruning down to ``target`` times the original's MACs, parameters or latency.
 
     Channel sets are ranked globally (scores divided by their group's mean, as ``scope="global"``)
-    and removed in order of importance lost per unit of cost saved (each group's mean first-order
-    saving at full width), within the limits (``max_ratio``, ``min_channels``, ``round_to``). For
+    and removed least important first, within the limits (``max_ratio``, ``min_channels``,
+    ``round_to``). The ranking is by importance alone, not per unit of cost saved: that order strips
+    the full-resolution layers, whose channels cost the most MACs, to their floor first (on the demo
+    U-Net at 30% of its MACs, Dice 0.000 even after retraining, against 0.916 by importance). For
     MACs and parameters, counted exactly from the trace without rebuilding, a bisection finds the
     fewest removals reaching the target, then a fill from just above it takes the next steps that
     keep the result within ``tolerance`` (relative) below the target. For latency, a bisection over
@@ -359,7 +341,7 @@ def plan_to_budget(
     analysis = analyse_model(model, example_input)
     scores = channel_scores(analysis.graph, criterion, model, batches, loss_fn)
     costs = CostModel(analysis)
-    ordered = _cost_order(analysis, global_steps(analysis, scores, limits), costs, metric)
+    ordered = global_order(analysis, scores, limits)
     search = _Search(analysis, costs, ordered, float(target), float(tolerance), metric, measure, scores)
     keep, extra = SEARCHES[metric](search)
     removed = _final(search, keep)

@@ -251,6 +251,11 @@ def global_steps(analysis: Analysis, scores: Mapping[int, float], limits: Limits
     return steps
 
 
+def global_order(analysis: Analysis, scores: Mapping[int, float], limits: Limits) -> list[Step]:
+    """Every group's removal steps (:func:`global_steps`) in one ranking, lowest normalised score first."""
+    return sorted(global_steps(analysis, scores, limits), key=lambda s: (s.threshold, s.group, s.index))
+
+
 def take_steps(ordered: Sequence[Step], accept: Callable[[Step], bool]) -> set[int]:
     """The channel sets removed by taking ``ordered`` steps while ``accept(step)`` allows.
 
@@ -275,7 +280,7 @@ def _choose_global(
     """Remove ``floor(ratio * total)`` channel sets of all prunable groups, lowest normalised score first."""
     ratio = ratios.get(DEFAULT_KEY, 0.0)
     target = math.floor(ratio * sum(len(g.roots) for g in analysis.prunable()) + _EPS)
-    ordered = sorted(global_steps(analysis, scores, limits), key=lambda s: (s.threshold, s.group, s.index))
+    ordered = global_order(analysis, scores, limits)
     count = 0
 
     def accept(step: Step) -> bool:
