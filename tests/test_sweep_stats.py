@@ -237,3 +237,24 @@ def test_unknown_executor_gpus_without_gpu_and_a_locked_folder_are_one_line(tmp_
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".sweep.lock").write_text(f'{{"pid": {os.getpid()}, "host": "{socket.gethostname()}"}}')
     assert f"another sweep (PID {os.getpid()}" in _one_line_error(tmp_path, {}, [])
+
+
+def test_a_baseline_run_without_a_postprocessing_choice_needs_one_rule(tmp_path):
+    """``auto`` would score such a baseline raw and its retrained arms by their own recorded choice."""
+    from acdc_prune.config import Config
+    from acdc_prune.engine.checkpoints import Checkpoint
+    from acdc_prune.models import build_model
+
+    config = Config()
+    config.model.features = [4, 8]
+    run_dir = tmp_path / "old"
+    Checkpoint.of(build_model(config.model), config, epoch=1).save(run_dir / "best.pt")
+    model_overrides = [f"logging.runs_dir={tmp_path / 'runs'}", "model.features=[4,8]"]
+    with pytest.raises(ConfigError, match="records no post-processing choice.*largest_component=true"):
+        plan_sweep(_sweep(tmp_path, baseline=str(run_dir), overrides=model_overrides), tmp_path)
+    one_rule = [*model_overrides, "evaluation.largest_component=true"]
+    plan = plan_sweep(_sweep(tmp_path, baseline=str(run_dir), overrides=one_rule), tmp_path)
+    assert plan.baselines[None].run_dir == run_dir.resolve()
+    chosen = {"postprocessing": {"largest_component": False}}
+    Checkpoint.of(build_model(config.model), config, epoch=1, state=chosen).save(tmp_path / "new" / "best.pt")
+    assert plan_sweep(_sweep(tmp_path, baseline=str(tmp_path / "new"), overrides=model_overrides), tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from acdc_prune.config import Config, PruningConfig, load_config
-from acdc_prune.errors import CheckpointError
+from acdc_prune.errors import CheckpointError, ConfigError
 from acdc_prune.experiments import report
 from acdc_prune.experiments.sweep_config import Setting, SweepConfig, sweep_settings
 
@@ -168,6 +168,7 @@ def _baselines(
         stored = (
             load_config(run_dir / "config.yaml", overrides) if (run_dir / "config.yaml").is_file() else base
         )
+        _check_postprocessing_rule(run_dir, stored)
         paths = [*overrides, *absolute_paths(stored)]
         baseline = Baseline("baseline", None, run_dir, root / "baseline_eval", None, paths, stored.pruning)
         return {None: baseline}
@@ -182,6 +183,24 @@ def _baselines(
         run_dir, eval_dir = root / f"baseline-s{seed}", root / f"baseline_eval-s{seed}"
         baselines[seed] = Baseline(f"baseline-s{seed}", seed, run_dir, eval_dir, config, paths, base.pruning)
     return baselines
+
+
+def _check_postprocessing_rule(run_dir: Path, config: Config) -> None:
+    """Refuse ``evaluation.largest_component: auto`` for a baseline run that records no choice: it would
+    be scored raw and its retrained arms by their own choices, two rules in one comparison.
+
+    Raises:
+        ConfigError: ``auto`` with a baseline whose best.pt predates the recorded choice.
+    """
+    from acdc_prune.engine.checkpoints import Checkpoint
+
+    if config.evaluation.largest_component != "auto":
+        return
+    if Checkpoint.open(run_dir).state.get("postprocessing") is None:
+        raise ConfigError(
+            f"baseline run {run_dir} records no post-processing choice, so 'auto' would score it raw and "
+            "its arms by their own; add evaluation.largest_component=true (or false) to the sweep's overrides"
+        )
 
 
 def _arm_modes(sweep: SweepConfig, base: Config) -> list[tuple[str, dict[str, Any]]]:
@@ -211,7 +230,8 @@ def plan_sweep(sweep: SweepConfig, base_dir: Path, data: Path | None = None) -> 
     lists them), then mode, then seed.
 
     Raises:
-        ConfigError: a bad base config or sweep (an unknown criterion of the base config too);
+        ConfigError: a bad base config or sweep (an unknown criterion of the base config too), or
+            ``evaluation.largest_component: auto`` with a baseline run that records no choice;
             CheckpointError: a given baseline run without best.pt.
     """
     overrides = [*sweep.overrides, *([f"data.root={json.dumps(str(data))}"] if data is not None else [])]
