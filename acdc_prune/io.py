@@ -174,6 +174,19 @@ def unused_path(parent: str | Path, prefix: str = "") -> Path:
     return next(Path(parent) / n for n in _stamped_names(stem) if not (Path(parent) / n).exists())
 
 
+def refuse_existing(folder: Path) -> Path:
+    """``folder``, which must not exist yet: results are never replaced.
+
+    Raises:
+        ConfigError: it exists.
+    """
+    if folder.exists():
+        raise ConfigError(
+            f"{folder} already exists; choose another output folder (results are never replaced)"
+        )
+    return folder
+
+
 @contextlib.contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield a hidden temporary sibling of ``final`` and rename it to ``final`` only on success.
@@ -183,11 +196,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     Raises:
         ConfigError: ``final`` already exists (results are never overwritten).
     """
-    final = Path(final)
-    if final.exists():
-        raise ConfigError(
-            f"{final} already exists; choose another output folder (results are never replaced)"
-        )
+    final = refuse_existing(Path(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:

@@ -4,6 +4,7 @@ pruning with composed plans, learning-rate rewinding, and the command line's pru
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from acdc_prune.engine.checkpoints import Checkpoint
 from acdc_prune.engine.cost import count_macs
 from acdc_prune.engine.steps import lr_factor, make_scheduler
 from acdc_prune.engine.trainer import train
+from acdc_prune.errors import ConfigError
 from acdc_prune.experiments.prune import prune_run
 from acdc_prune.models import build_model
 from acdc_prune.pruning import apply_plan
@@ -81,16 +83,29 @@ def test_pruning_a_pruned_run_records_one_composed_plan(trained_run, tmp_path):
 
 
 def test_steps_reach_the_target_through_nested_children(trained_run, tmp_path):
-    result = prune_run(
-        trained_run,
-        retrain_epochs=1,
-        out_dir=tmp_path / "last",
-        overrides=["pruning.target=0.3", "pruning.steps=2"],
-    )
+    steps = ["pruning.target=0.3", "pruning.steps=2"]
+    result = prune_run(trained_run, retrain_epochs=1, out_dir=tmp_path / "last", overrides=steps)
     first_step = Checkpoint.open(result.meta["source_checkpoint"]).run_dir
-    assert first_step.parent == trained_run / "pruned"  # step 1 is a child of the run, step 2 of step 1
+    assert first_step == tmp_path / "last-step1"  # beside the last child, which prunes it further
     assert json.loads((first_step / "meta.json").read_text())["target"] == pytest.approx(0.3**0.5)
     assert 0.3 * 0.96 <= _macs_fraction(result.out_dir) <= 0.3
+    assert not (trained_run / "pruned").exists()
+
+    # A run stopped after step 1 resumes from it; a step toward another target is refused.
+    shutil.rmtree(result.out_dir)
+    again = prune_run(trained_run, retrain_epochs=1, out_dir=tmp_path / "last", overrides=steps)
+    assert again.meta["source_checkpoint"] == result.meta["source_checkpoint"]  # step 1, not made again
+    shutil.rmtree(again.out_dir)
+    with pytest.raises(ConfigError, match="last-step1 holds a step toward another target"):
+        prune_run(
+            trained_run,
+            retrain_epochs=1,
+            out_dir=tmp_path / "last",
+            overrides=["pruning.target=0.5", "pruning.steps=2"],
+        )
+    assert not (tmp_path / "last").exists()
+    with pytest.raises(ConfigError, match="last-step1 already exists"):
+        prune_run(trained_run, HALF, retrain_epochs=0, out_dir=first_step)
 
 
 def test_learning_rate_rewinding_replays_the_end_of_the_original_schedule(trained_run, tmp_path):

@@ -55,11 +55,12 @@ def test_criteria_scopes_and_targets_cross_into_readable_arm_names(tmp_path):
     target = plan.arms[4]
     assert target.group == "taylor-global-macs0.1-none"
     assert target.prune_kwargs["ratios"] is None and target.prune_kwargs["reinit"] == "none"
-    assert target.overrides[-5:] == [
+    assert target.overrides[-6:] == [
         'pruning.importance="taylor"',
         'pruning.scope="global"',
         "pruning.target=0.1",
         'pruning.target_metric="macs"',
+        "pruning.steps=1",
         "training.seed=0",
     ]
     uniform = plan.arms[2]
@@ -81,9 +82,21 @@ def test_criteria_scopes_and_targets_cross_into_readable_arm_names(tmp_path):
         "ratios": None,
         "target_metric": "macs",
         "target": 0.1,
+        "steps": 1,
         "dir": None,
         "overrides": None,
     }
+
+
+def test_steps_cross_with_targets_into_one_shot_and_iterative_arms(tmp_path):
+    plan = _plan(tmp_path, targets={"macs": [0.1]}, steps=[1, 3])
+    assert [arm.name for arm in plan.arms] == ["l1-global-macs0.1-none", "l1-global-macs0.1-3steps-none"]
+    assert plan.arms[1].overrides[-1] == "pruning.steps=3"
+    assert plan.arms[1].setting.labels()["steps"] == 3
+    from_config = _plan(tmp_path, targets={"macs": [0.1]}, overrides=["pruning.steps=2"])
+    assert [arm.name for arm in from_config.arms] == ["l1-global-macs0.1-2steps-none"]
+    with pytest.raises(ConfigError, match=r"^grids\[0\]\.steps: steps lead to a target; give targets"):
+        _plan(tmp_path, grids=[{"uniform": [0.5], "steps": [2]}])
 
 
 def test_ratios_only_sweeps_keep_their_names_and_take_the_base_configs_criterion(tmp_path):
@@ -184,7 +197,7 @@ def _run(tmp_path, arm, setting, mode, volume_dice, params, **labels):
 
 def test_the_report_names_criterion_scope_and_target_and_pairs_criteria_at_one_budget(tmp_path):
     base = np.linspace(0.80, 0.91, 12)
-    global_macs = {"scope": "global", "target_metric": "macs", "target": 0.1}
+    global_macs = {"scope": "global", "target_metric": "macs", "target": 0.1, "steps": 1}
     runs = [
         _run(tmp_path, "baseline", "-", "baseline", base, 1000),
         _run(tmp_path, "l1-block-uniform-0.7-none", "l1-block-uniform-0.7", "none", base - 0.04, 110,
@@ -197,7 +210,7 @@ def test_the_report_names_criterion_scope_and_target_and_pairs_criteria_at_one_b
     out = tmp_path / "report"
     report.write_report(runs, out)
     summary = pd.read_csv(out / "summary.csv")
-    assert summary.columns[:9].tolist() == [
+    assert summary.columns[:10].tolist() == [
         "arm",
         "setting",
         "mode",
@@ -206,6 +219,7 @@ def test_the_report_names_criterion_scope_and_target_and_pairs_criteria_at_one_b
         "ratios",
         "target_metric",
         "target",
+        "steps",
         "n_seeds",
     ]
     rows = summary.set_index("arm")
@@ -215,6 +229,7 @@ def test_the_report_names_criterion_scope_and_target_and_pairs_criteria_at_one_b
         "macs",
     ]
     assert rows.loc["taylor-global-macs0.1-none", "target"] == pytest.approx(0.1)
+    assert rows.loc["taylor-global-macs0.1-none", "steps"] == 1
     assert rows.loc["l1-block-uniform-0.7-none", "ratios"] == "uniform-0.7"
     assert pd.isna(rows.loc["l1-block-uniform-0.7-none", "target"])
     assert rows.loc[["baseline"], ["criterion", "scope", "ratios", "target"]].isna().all(axis=None)

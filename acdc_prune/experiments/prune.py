@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ from acdc_prune.engine.progress import Reporter
 from acdc_prune.errors import ConfigError, Hint
 from acdc_prune.experiments.batches import training_batches
 from acdc_prune.experiments.planning import Planned, example_input, plan_for, size_change
-from acdc_prune.io import atomic_save_figure, atomic_write_json, staged_dir, unused_path
+from acdc_prune.io import (
+    atomic_save_figure,
+    atomic_write_json,
+    read_json,
+    refuse_existing,
+    staged_dir,
+    unused_path,
+)
 from acdc_prune.models import build_model
 from acdc_prune.pruning import PruningPlan, apply_plan, compose, recalibrate_batchnorm
 from acdc_prune.pruning.summary import channel_masks, layer_widths, reinitialise
@@ -227,7 +235,9 @@ def prune_run(
         retrain_epochs: retraining epochs (default ``pruning.retrain_epochs``); 0 skips retraining.
         retrain_lr: peak retraining learning rate (default ``pruning.retrain_lr`` or ``training.lr``).
         checkpoint: prune this checkpoint instead of ``run_dir/best.pt``.
-        out_dir: the child folder to create (default ``run_dir/pruned/<mode>-<timestamp>``).
+        out_dir: the child folder to create (default ``run_dir/pruned/<mode>-<timestamp>``); with
+            steps, the intermediate children go beside it as ``<out_dir>-step<i>`` (reused by a
+            re-run once finished), else each under its parent's ``pruned/``.
         overrides: dotted overrides applied to the run's config for planning, retraining and evaluation.
         reporter: receives progress of evaluation and retraining.
 
@@ -236,7 +246,8 @@ def prune_run(
 
     Raises:
         PruningError: bad ratio keys or values, an unknown criterion, or an unreachable target;
-            CheckpointError: missing or foreign checkpoints; ConfigError: bad mode or settings.
+            CheckpointError: missing or foreign checkpoints; ConfigError: bad mode or settings, an
+            existing ``out_dir``, or a ``<out_dir>-step<i>`` toward another target.
     """
     settings = {
         "reinit": reinit,
@@ -247,14 +258,36 @@ def prune_run(
     source = Checkpoint.open(checkpoint or run_dir)
     config = _pruning_config(source, overrides, ratios, settings)
     steps, target = config.pruning.steps, config.pruning.target
-    run_dir = Path(run_dir)
+    run_dir, out_dir = Path(run_dir), None if out_dir is None else refuse_existing(Path(out_dir))
     for step in range(1, steps + 1):
         step_config = copy.deepcopy(config)
         if steps > 1:  # geometric: after step i the network keeps target ** (i / steps) of the original
             step_config.pruning.target = target ** (step / steps)
-        result = _prune_once(run_dir, source, step_config, out_dir if step == steps else None, reporter)
+        step_dir = out_dir if step == steps or out_dir is None else _step_dir(out_dir, step, step_config)
+        if step < steps and step_dir is not None and step_dir.exists():
+            run_dir, source = step_dir, Checkpoint.open(step_dir)  # finished by an earlier attempt
+            continue
+        result = _prune_once(run_dir, source, step_config, step_dir, reporter)
         run_dir, source = result.out_dir, Checkpoint.open(result.out_dir)
     return result
+
+
+def _step_dir(out_dir: Path, step: int, config: Config) -> Path:
+    """``<out_dir>-step<i>``, the folder of an intermediate step beside the final child; one that an
+    earlier attempt finished is reused, so an interrupted ``--steps`` run (or sweep arm) resumes.
+
+    Raises:
+        ConfigError: the folder holds a step toward another target.
+    """
+    step_dir = out_dir.with_name(f"{out_dir.name}-step{step}")
+    if step_dir.exists():
+        recorded = read_json(step_dir / "meta.json", f"delete {step_dir} and run again").get("target")
+        if recorded is None or not math.isclose(recorded, config.pruning.target):
+            raise ConfigError(
+                f"{step_dir} holds a step toward another target ({recorded}, not "
+                f"{config.pruning.target:g}); delete it or choose another output folder"
+            )
+    return step_dir
 
 
 def _cost_function(config: Config, shape: tuple[int, ...]) -> Any:

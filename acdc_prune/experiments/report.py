@@ -17,9 +17,9 @@ from acdc_prune.io import atomic_write_text
 
 STRUCTURE_NAMES = ("RV", "MYO", "LV")
 PHASE_NAMES = ("ED", "ES")
-PRUNING_COLUMNS = ("criterion", "scope", "ratios", "target_metric", "target")
+PRUNING_COLUMNS = ("criterion", "scope", "ratios", "target_metric", "target", "steps")
 """What an arm prunes, in the report's tables: criterion, scope, the ratios setting's name or the
-budget target (metric and fraction kept); empty for baselines."""
+budget target (metric, fraction kept and the steps taken to it); empty for baselines."""
 
 
 def _mean(summary: dict[str, Any], *path: str) -> float | None:
@@ -86,6 +86,7 @@ class ReportRun:
         ratios: the ratios setting's name (``half``, ``uniform-0.5``); ``None`` for a target.
         target_metric: ``macs``, ``params`` or ``latency`` for a budget target, else ``None``.
         target: the fraction of ``target_metric`` kept, else ``None``.
+        steps: the geometric steps taken to the target, else ``None``.
     """
 
     arm: str
@@ -101,6 +102,7 @@ class ReportRun:
     ratios: str | None = None
     target_metric: str | None = None
     target: float | None = None
+    steps: int | None = None
 
 
 def comparison_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

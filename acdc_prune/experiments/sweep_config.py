@@ -40,6 +40,11 @@ class ArmGrid:
         choices=SCOPES,
         doc="scopes of the ratios settings; [] = the base config's pruning.scope",
     )
+    steps: list[int] = spec(
+        factory=list,
+        ge=1,
+        doc="geometric steps to each target, retraining after each; [] = the base config's pruning.steps",
+    )
 
 
 @dataclass
@@ -78,13 +83,15 @@ class Setting:
     Attributes:
         name: its part of arm names: the ratios setting's name (``half``, ``uniform-0.5``) for a grid
             that names no criteria or scopes, else ``<criterion>-<scope>-<ratios>`` or, for a target,
-            ``<criterion>-global-<metric><target>`` (``taylor-global-macs0.1``).
+            ``<criterion>-global-<metric><target>`` (``taylor-global-macs0.1``), with ``-<n>steps``
+            for a target reached in n > 1 steps.
         criterion: the importance criterion's registered name.
         scope: ``block`` or ``global``.
         ratios_name: the ratios setting's own name; ``None`` for a target.
         ratios: share of filters removed per block prefix (with ``default``); ``None`` for a target.
         target_metric: ``macs``, ``params`` or ``latency``; ``None`` for ratios.
         target: fraction of the original ``target_metric`` to keep, in (0, 1]; ``None`` for ratios.
+        steps: geometric steps to the target, each retrained (``pruning.steps``); ``None`` for ratios.
     """
 
     name: str
@@ -94,6 +101,7 @@ class Setting:
     ratios: dict[str, float] | None = None
     target_metric: str | None = None
     target: float | None = None
+    steps: int | None = None
 
     @property
     def overrides(self) -> list[str]:
@@ -102,7 +110,7 @@ class Setting:
             "importance": self.criterion,
             "scope": self.scope,
             "target": self.target,
-            **({"target_metric": self.target_metric} if self.target is not None else {}),
+            **({"target_metric": self.target_metric, "steps": self.steps} if self.target is not None else {}),
         }
         return [f"pruning.{key}={json.dumps(value)}" for key, value in settings.items()]
 
@@ -115,6 +123,7 @@ class Setting:
             "ratios": self.ratios_name,
             "target_metric": self.target_metric,
             "target": self.target,
+            "steps": self.steps,
         }
 
 
@@ -166,7 +175,7 @@ def _ratios_settings(grid: ArmGrid, where: str) -> dict[str, dict[str, float]]:
 
 
 def grid_settings(grid: ArmGrid, defaults: PruningConfig, where: str = "") -> list[Setting]:
-    """Every setting of one grid: criteria x scopes x ratios settings, then criteria x targets.
+    """Every setting of one grid: criteria x scopes x ratios settings, then criteria x targets x steps.
 
     Args:
         grid: the grid, its values already type-checked (:func:`~acdc_prune.config.from_mapping`).
@@ -176,7 +185,8 @@ def grid_settings(grid: ArmGrid, defaults: PruningConfig, where: str = "") -> li
 
     Raises:
         ConfigError: an unknown criterion or target metric, a grid without ratios, uniform or targets,
-            block keys in a global ratios setting, or scopes given to a grid of targets only.
+            block keys in a global ratios setting, scopes given to a grid of targets only, or steps
+            without targets.
     """
     ratios = _ratios_settings(grid, where)
     if not ratios and not grid.targets:
@@ -188,6 +198,8 @@ def grid_settings(grid: ArmGrid, defaults: PruningConfig, where: str = "") -> li
         raise ConfigError(
             f"{where}scopes: targets always rank channels globally; scopes apply to ratios and uniform"
         )
+    if grid.steps and not grid.targets:
+        raise ConfigError(f"{where}steps: steps lead to a target; give targets or remove steps")
     for metric in grid.targets:
         if metric not in TARGET_METRICS:
             raise ConfigError(f"{where}targets: '{metric}' is not one of {', '.join(TARGET_METRICS)}")
@@ -209,8 +221,10 @@ def grid_settings(grid: ArmGrid, defaults: PruningConfig, where: str = "") -> li
                 settings.append(Setting(name, criterion, scope, ratios_name, values))
         for metric, targets in grid.targets.items():
             for target in targets:
-                name = f"{criterion}-global-{metric}{target:g}"
-                settings.append(Setting(name, criterion, "global", target_metric=metric, target=target))
+                for steps in grid.steps or [defaults.steps]:
+                    name = f"{criterion}-global-{metric}{target:g}" + (f"-{steps}steps" if steps > 1 else "")
+                    budget = {"target_metric": metric, "target": target, "steps": steps}
+                    settings.append(Setting(name, criterion, "global", **budget))
     return settings
 
 
