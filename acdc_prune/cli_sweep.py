@@ -121,7 +121,7 @@ def demo(
     ] = None,
     runs_dir: Annotated[Path, typer.Option(help="Root folder of the results.")] = Path("runs"),
 ) -> None:
-    """The whole pipeline on the built-in phantom: train, prune x {none, random, rewind}, retrain, compare.
+    """The whole pipeline on the phantom: train, prune to 40% of the MACs, retrain under 3 modes, compare.
 
     Example: acdc-prune demo            (or: acdc-prune demo --data ~/ACDC/training)
     """

@@ -131,6 +131,18 @@ def test_the_example_criteria_study_compares_uniform_l1_with_global_criteria_at_
     assert {arm.prune_kwargs["retrain_epochs"] for arm in plan.arms} == {8}
 
 
+def test_the_demo_prunes_to_a_mac_target_and_rewinds_to_a_checkpoint_its_baseline_keeps(tmp_path):
+    sweep, base_dir = load_sweep(CONFIGS / "demo-sweep.yaml")
+    sweep.overrides = [f"logging.runs_dir={tmp_path}"]
+    plan = plan_sweep(sweep, base_dir)
+    assert [arm.name for arm in plan.arms] == [
+        f"l1-global-macs0.4-{m}" for m in ("none", "lr_rewind", "rewind")
+    ]
+    training, pruning = plan.base.training, plan.base.pruning
+    assert pruning.rewind_to == f"epoch{training.checkpoint_epochs[0]}"
+    assert pruning.retrain_epochs == training.epochs - training.checkpoint_epochs[0]  # rewind: the rest
+
+
 @pytest.mark.parametrize(
     ("keys", "message"),
     [

@@ -17,8 +17,8 @@ def preset(name: str) -> Path:
 
 
 def run_demo(data: Path | None = None, runs_dir: Path | None = None, console: Console | None = None) -> Path:
-    """Generate the phantom (unless ``data`` is given), train a small baseline, prune it with the
-    demo ratios under none / random / rewind, retrain, evaluate and print the comparison.
+    """Generate the phantom (unless ``data`` is given), train a small baseline, prune it to 40% of
+    its MACs, retrain under none / lr_rewind / rewind, evaluate and print the comparison.
 
     Args:
         data: a real ACDC training folder; the demo then uses ``configs/acdc-sweep.yaml``.
