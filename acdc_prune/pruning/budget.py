@@ -344,30 +344,36 @@ def plan_to_budget(
     ordered = global_order(analysis, scores, limits)
     search = _Search(analysis, costs, ordered, float(target), float(tolerance), metric, measure, scores)
     keep, extra = SEARCHES[metric](search)
-    removed = _final(search, keep)
-    keep = costs.keep(removed)
-    after = {m: costs.count(keep, m) for m in ("macs", "params")}
+    return _budget_result(search, _final(search, keep), extra, criterion.describe(), round_to)
+
+
+def _budget_result(
+    search: _Search, removed: set[int], extra: dict[str, float], importance: str, round_to: int
+) -> BudgetResult:
+    """The plan that removes ``removed`` (channel sets), with what it reached and costs before and after."""
+    costs, metric = search.costs, search.metric
+    after = {m: costs.count(costs.keep(removed), m) for m in ("macs", "params")}
     reached = (
         extra["latency_after"] / extra["latency_before"]
         if metric == "latency"
         else after[metric] / costs.before[metric]
     )
-    total = sum(len(g.roots) for g in analysis.prunable())
+    total = sum(len(g.roots) for g in search.analysis.prunable())
     ratio = len(removed) / total if total else 0.0
     plan = build_plan(
-        analysis,
+        search.analysis,
         removed,
         lambda _group: ("budget", ratio),
         ratios={"default": ratio},
-        importance=criterion.describe(),
+        importance=importance,
         round_to=round_to,
         scope="global",
-        budget={"metric": metric, "target": float(target), "reached": reached},
+        budget={"metric": metric, "target": search.target, "reached": reached},
     )
     return BudgetResult(
         plan,
         metric,
-        float(target),
+        search.target,
         reached,
         costs.before["macs"],
         after["macs"],
