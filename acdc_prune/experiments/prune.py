@@ -263,10 +263,12 @@ def prune_run(
         step_config = copy.deepcopy(config)
         if steps > 1:  # geometric: after step i the network keeps target ** (i / steps) of the original
             step_config.pruning.target = target ** (step / steps)
-        step_dir = out_dir if step == steps or out_dir is None else _step_dir(out_dir, step, step_config)
-        if step < steps and step_dir is not None and step_dir.exists():
-            run_dir, source = step_dir, Checkpoint.open(step_dir)  # finished by an earlier attempt
-            continue
+        step_dir = out_dir
+        if out_dir is not None and step < steps:
+            step_dir = _step_dir(out_dir, step, step_config)
+            if step_dir.exists():  # finished by an earlier attempt, toward this step's target
+                run_dir, source = step_dir, Checkpoint.open(step_dir)
+                continue
         result = _prune_once(run_dir, source, step_config, step_dir, reporter)
         run_dir, source = result.out_dir, Checkpoint.open(result.out_dir)
     return result
