@@ -131,6 +131,26 @@ def test_the_example_criteria_study_compares_uniform_l1_with_global_criteria_at_
     assert {arm.prune_kwargs["retrain_epochs"] for arm in plan.arms} == {8}
 
 
+def test_the_short_acdc_study_names_its_arms_and_its_sensitivity_ratios_name_real_blocks():
+    import torch
+
+    from acdc_prune.config import load_config
+    from acdc_prune.experiments.sensitivity import prunable_blocks
+    from acdc_prune.models.registry import build_model
+
+    sweep, _ = load_sweep(CONFIGS / "acdc-criteria-short.yaml")
+    names = [setting.name for setting in sweep_settings(sweep)]
+    global_arms = [
+        f"{c}-global-macs{t}" for c in ("l1", "taylor", "bn_scale", "redundancy") for t in (0.25, 0.1)
+    ]
+    sensitivity = ["l1-block-sens-macs0.25", "l1-block-sens-macs0.1"]
+    assert names == [*sensitivity, "l1-block-uniform-0.5", "l1-block-uniform-0.7", *global_arms]
+    recipe = load_config(CONFIGS.parent / "bundles" / "acdc_unet_prune" / "configs" / "recipe.yaml")
+    blocks = prunable_blocks(build_model(recipe.model), torch.zeros(1, 1, 32, 32))
+    for ratios in sweep.ratios.values():
+        assert sorted(ratios) == sorted(blocks)
+
+
 def test_the_demo_prunes_to_a_mac_target_and_rewinds_to_a_checkpoint_its_baseline_keeps(tmp_path):
     sweep, base_dir = load_sweep(CONFIGS / "demo-sweep.yaml")
     sweep.overrides = [f"logging.runs_dir={tmp_path}"]
@@ -285,6 +305,25 @@ def test_the_pareto_plot_colours_criteria_and_joins_a_criterions_targets(tmp_pat
     one_criterion = pareto_series(summary[summary["criterion"] != "taylor"].assign(scope="block"))
     assert [label for label, _, _ in one_criterion] == ["baseline", "none"]
     assert one_criterion[1][1] == {"color": MODE_STYLES["none"][0], "marker": "o", "linestyle": "--"}
+
+
+def test_the_pareto_plot_joins_uniform_ratios_but_not_other_named_ratios():
+    summary = pd.DataFrame(
+        {
+            "arm": ["baseline", "u5", "sens", "u7", "t"],
+            "mode": ["baseline", "none", "none", "none", "none"],
+            "criterion": [None, "l1", "l1", "l1", "l1"],
+            "scope": [None, "block", "block", "block", "global"],
+            "ratios": [None, "uniform-0.5", "sens-macs0.25", "uniform-0.7", None],
+        }
+    )
+    series = pareto_series(summary)
+    assert [(label, rows["arm"].tolist(), style["linestyle"]) for label, style, rows in series] == [
+        ("baseline", ["baseline"], "none"),
+        ("l1 block uniform, none", ["u5", "u7"], "--"),
+        ("l1 block sens-macs0.25, none", ["sens"], "none"),
+        ("l1 global, none", ["t"], "none"),
+    ]
 
 
 @pytest.fixture(scope="module")

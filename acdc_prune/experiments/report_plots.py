@@ -48,6 +48,14 @@ def _criterion_colors(criteria: list[str]) -> dict[str, str]:
     return {c: CRITERION_COLORS.get(c) or EXTRA_COLORS[extra.index(c) % len(EXTRA_COLORS)] for c in criteria}
 
 
+def _ratios_family(ratios: Any) -> str | None:
+    """The series a block ratios setting belongs to: ``uniform`` for ``uniform-R``, else its own name;
+    ``None`` for a budget target (no ratios)."""
+    if pd.isna(ratios):
+        return None
+    return "uniform" if str(ratios).startswith("uniform-") else str(ratios)
+
+
 def pareto_series(summary: pd.DataFrame) -> list[tuple[str, dict[str, Any], pd.DataFrame]]:
     """The points of :func:`plot_pareto` as series: one per criterion, scope and mode.
 
@@ -59,22 +67,30 @@ def pareto_series(summary: pd.DataFrame) -> list[tuple[str, dict[str, Any], pd.D
         ``(label, style, rows)`` per series in order of appearance: ``style`` holds matplotlib's
         ``color``, ``marker`` and ``linestyle``. The marker gives the mode; the colour gives the
         criterion where the summary has several, else the mode; a line (dashed for block scope, solid
-        for global) joins a series of several points. The label is the mode alone for a sweep of one
-        criterion and scope, else ``<criterion> <scope>, <mode>``.
+        for global) joins a series of several points. Block ratios form one series per family (every
+        ``uniform-R`` setting together, each other named setting alone), so no line joins unrelated
+        plans. The label is the mode alone for a sweep of one criterion, scope and ratios family,
+        else ``<criterion> <scope>[ <family>], <mode>``.
     """
+    if "ratios" in summary:
+        summary = summary.assign(family=summary["ratios"].map(_ratios_family))
+    else:
+        summary = summary.assign(family=None)
     arms = summary[summary["mode"] != "baseline"]
     criteria = list(arms["criterion"].dropna().unique())
     by_criterion = len(criteria) > 1
-    several = by_criterion or arms["scope"].nunique() > 1
+    by_family = arms["family"].nunique() > 1
+    several = by_criterion or by_family or arms["scope"].nunique() > 1
     colors = _criterion_colors(criteria)
     series = []
-    for (criterion, scope, mode), rows in summary.groupby(
-        ["criterion", "scope", "mode"], sort=False, dropna=False
+    for (criterion, scope, mode, family), rows in summary.groupby(
+        ["criterion", "scope", "mode", "family"], sort=False, dropna=False
     ):
         color, marker = MODE_STYLES.get(str(mode), ("gray", "x"))
         if by_criterion and criterion in colors:
             color = colors[criterion]
-        pruning = " ".join(str(v) for v in (criterion, scope) if pd.notna(v))
+        named = (criterion, scope, family if by_family else None)
+        pruning = " ".join(str(v) for v in named if pd.notna(v))
         label = f"{pruning}, {mode}" if several and pruning else str(mode)
         line = SCOPE_LINES.get(scope, "-") if len(rows) > 1 else "none"
         series.append((label, {"color": color, "marker": marker, "linestyle": line}, rows))
