@@ -72,10 +72,7 @@ def pareto_series(summary: pd.DataFrame) -> list[tuple[str, dict[str, Any], pd.D
         plans. The label is the mode alone for a sweep of one criterion, scope and ratios family,
         else ``<criterion> <scope>[ <family>], <mode>``.
     """
-    if "ratios" in summary:
-        summary = summary.assign(family=summary["ratios"].map(_ratios_family))
-    else:
-        summary = summary.assign(family=None)
+    summary = summary.assign(family=summary["ratios"].map(_ratios_family) if "ratios" in summary else None)
     arms = summary[summary["mode"] != "baseline"]
     criteria = list(arms["criterion"].dropna().unique())
     by_criterion = len(criteria) > 1
