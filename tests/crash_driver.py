@@ -105,6 +105,9 @@ def run_child(request: dict) -> None:
     code = 1
     try:
         signal.alarm(request["timeout"])  # a hung child ends with SIGALRM instead of hanging the tests
+        # Ctrl-C as at a terminal, even when the tests run in the background of a script, which starts
+        # every process with SIGINT ignored (and Python then leaves it ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         for fd, suffix in ((1, ".stdout"), (2, ".stderr")):
             log = os.open(request["log"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(log, fd)

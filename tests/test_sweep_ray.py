@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,8 +28,14 @@ DICE_COLUMNS = ["dice_before", "dice", "RV_ED", "MYO_ED", "LV_ED", "RV_ES", "MYO
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
-    """One local Ray instance with 2 CPUs for the module; test-defined job functions travel by value."""
+    """One local Ray instance with 2 CPUs for the module; test-defined job functions travel by value.
+
+    It starts with SIGINT ignored, as a Ray instance started in the background of a shell script
+    (``ray start --head --block &`` in a Slurm script) does: its workers inherit that, and cancelled
+    jobs must still clean up."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    signal.signal(signal.SIGINT, previous)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
     ray.shutdown()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,7 +80,15 @@ def ray_job(
     The notice is not waited for: a task blocked in ``ray.get`` lends its CPUs to the next task, and
     both would then run on them. The job reports to the engine's default (the ``acdc_prune`` logger
     of the worker, in Ray's logs).
+
+    ``ray.cancel`` stops a running task by raising ``KeyboardInterrupt`` in it, which Python does only
+    while SIGINT has its default handler. Workers inherit the disposition of the process that started
+    Ray, and one started in the background of a shell script (``ray start --head --block &`` in a
+    Slurm script, or ``nohup acdc-prune sweep ... &``) ignores SIGINT, so the handler is restored here:
+    a cancelled job then cleans up its staging folder.
     """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     tracker.started.remote(name, socket.gethostname())
     return timed_call(fn, kwargs, None, threads)
 
