@@ -49,8 +49,9 @@ def _as_inputs(example_input: torch.Tensor | Sequence[torch.Tensor]) -> tuple[to
     )
 
 
-def _check_ratios(ratios: Mapping[str, float] | float | None) -> dict[str, float]:
-    """Validated ratios: a float is shorthand for ``{"default": float}``; ``None`` prunes nothing."""
+def _check_ratios(ratios: Mapping[str, float] | float | None, scope: str) -> dict[str, float]:
+    """Validated ratios: a float is shorthand for ``{"default": float}``; ``None`` prunes nothing;
+    global scope takes a float only."""
     if ratios is None:
         return {}
     if not isinstance(ratios, Mapping):
@@ -64,6 +65,8 @@ def _check_ratios(ratios: Mapping[str, float] | float | None) -> dict[str, float
                 f"ratio {value!r} for '{key}' must be a number in [0, 1) (the fraction of channels removed)"
             )
         checked[key] = float(value)
+    if scope == "global" and set(checked) - {DEFAULT_KEY}:
+        raise PruningError("global scope takes one ratio for the whole network (a float), not block keys")
     return checked
 
 
@@ -459,9 +462,7 @@ def plan_pruning(
     if scope not in SCOPES:
         raise PruningError(f"scope '{scope}' is not one of {', '.join(SCOPES)}")
     limits = check_limits(round_to, max_ratio, min_channels, DEFAULT_MAX_RATIO[scope])
-    checked = _check_ratios(ratios)
-    if scope == "global" and set(checked) - {DEFAULT_KEY}:
-        raise PruningError("global scope takes one ratio for the whole network (a float), not block keys")
+    checked = _check_ratios(ratios, scope)
     analysis = analyse_model(model, example_input)
     _check_keys(checked, _prunable(analysis.groups, analysis.pinned))
     scores = channel_scores(analysis.graph, criterion, model, batches, loss_fn)
