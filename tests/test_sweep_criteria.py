@@ -151,6 +151,16 @@ def test_the_short_acdc_study_names_its_arms_and_its_sensitivity_ratios_name_rea
         assert sorted(ratios) == sorted(blocks)
 
 
+def test_the_smallest_network_study_retrains_for_the_bundle_baselines_whole_schedule():
+    from acdc_prune.config import load_config
+
+    sweep, _ = load_sweep(CONFIGS / "acdc-smallest.yaml")
+    names = [setting.name for setting in sweep_settings(sweep)]
+    assert names == ["taylor-global-macs0.1", "taylor-global-macs0.05"]
+    recipe = load_config(CONFIGS.parent / "bundles" / "acdc_unet_prune" / "configs" / "recipe.yaml")
+    assert sweep.modes == ["lr_rewind"] and sweep.retrain_epochs == recipe.training.epochs == 16
+
+
 def test_the_demo_prunes_to_a_mac_target_and_rewinds_to_a_checkpoint_its_baseline_keeps(tmp_path):
     sweep, base_dir = load_sweep(CONFIGS / "demo-sweep.yaml")
     sweep.overrides = [f"logging.runs_dir={tmp_path}"]
