@@ -5,6 +5,8 @@
 The networks are the UNet2D of ``configs/acdc-cpu.yaml`` (widths 16-256, bottleneck 256, batch norm)
 with random weights and randomised norm statistics, and its uniform prunes (L1, ``plan_pruning`` +
 ``apply_plan``) at 50% and 69% of the channels of every block (4.0x and 10.2x fewer MACs).
+``--models`` adds trained networks (run folders or checkpoint files, pruned ones included, named by
+their folder), timed against the config's unpruned network: give the config they were pruned from.
 Each network runs four ways on the same number of threads: PyTorch eager in fp32; PyTorch eager
 under ``torch.autocast("cpu", dtype=torch.bfloat16)`` with the model and input in channels-last;
 onnxruntime's CPU provider on the fp32 ONNX export; and the int8 QDQ model ``acdc-prune quantize``
@@ -42,6 +44,7 @@ from rich.table import Table
 from torch import nn
 
 from acdc_prune.config import load_config
+from acdc_prune.engine.checkpoints import Checkpoint
 from acdc_prune.engine.cost import count_macs, count_parameters
 from acdc_prune.engine.export import export_onnx
 from acdc_prune.engine.quantize import OnnxModel, quantize_onnx
@@ -51,8 +54,9 @@ from acdc_prune.pruning import apply_plan, plan_pruning, randomise_norm_statisti
 VARIANTS = ("fp32_eager", "bf16_channels_last", "onnxruntime_fp32", "int8")
 
 
-def networks(config_path: Path, ratios: list[float]) -> tuple[dict[str, nn.Module], int]:
-    """The config's network (random weights) and its uniform prunes at ``ratios``; the total stride."""
+def networks(config_path: Path, ratios: list[float], models: list[Path]) -> tuple[dict[str, nn.Module], int]:
+    """The config's network (random weights), its uniform prunes at ``ratios`` and the trained
+    ``models`` (run folders or checkpoint files); the config's total stride."""
     config = load_config(config_path, [])
     torch.manual_seed(0)
     model = randomise_norm_statistics(build_model(config.model)).eval()
@@ -60,6 +64,8 @@ def networks(config_path: Path, ratios: list[float]) -> tuple[dict[str, nn.Modul
     for ratio in ratios:
         plan = plan_pruning(model, torch.randn(1, 1, 64, 64), ratios={"default": ratio})
         nets[f"pruned {ratio:.1%}"] = apply_plan(model, plan).eval()
+    for path in models:
+        nets[path.name] = Checkpoint.open(path).build_model().eval()
     return nets, total_stride(config.model)
 
 
@@ -175,7 +181,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_precision.json"))
     parser.add_argument("--config", type=Path, default=Path("configs/acdc-cpu.yaml"))
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.69], help="uniform pruning ratios")
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.69], help="uniform pruning ratios")
+    parser.add_argument("--models", type=Path, nargs="*", default=[], help="trained run folders or .pt files")
     parser.add_argument("--size", type=int, default=224, help="input side in pixels")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=20)
@@ -186,7 +193,7 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     torch.set_num_threads(args.threads)
     console = Console()
-    nets, stride = networks(args.config, args.ratios)
+    nets, stride = networks(args.config, args.ratios, args.models)
     load_before = os.getloadavg()[0]
     rows = latency(nets, stride, args.size, args.batches, args.repeats, args.warmup)
     result = {
