@@ -13,13 +13,14 @@ from sweep_workspace import trained_baseline
 from typer.testing import CliRunner
 
 from acdc_prune.cli import app
-from acdc_prune.config import PruningConfig, from_mapping
+from acdc_prune.config import PruningConfig, from_mapping, load_config
 from acdc_prune.errors import ConfigError
 from acdc_prune.experiments import report
 from acdc_prune.experiments.report_plots import CRITERION_COLORS, MODE_STYLES, pareto_series
 from acdc_prune.experiments.sweep import SweepConfig, load_sweep, plan_sweep, run_sweep, sweep_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BUNDLE_RECIPE = CONFIGS.parent / "bundles" / "acdc_unet_prune" / "configs" / "recipe.yaml"
 
 
 def _plan(tmp_path, **keys):
@@ -134,7 +135,6 @@ def test_the_example_criteria_study_compares_uniform_l1_with_global_criteria_at_
 def test_the_short_acdc_study_names_its_arms_and_its_sensitivity_ratios_name_real_blocks():
     import torch
 
-    from acdc_prune.config import load_config
     from acdc_prune.experiments.sensitivity import prunable_blocks
     from acdc_prune.models.registry import build_model
 
@@ -145,19 +145,17 @@ def test_the_short_acdc_study_names_its_arms_and_its_sensitivity_ratios_name_rea
     ]
     sensitivity = ["l1-block-sens-macs0.25", "l1-block-sens-macs0.1"]
     assert names == [*sensitivity, "l1-block-uniform-0.5", "l1-block-uniform-0.7", *global_arms]
-    recipe = load_config(CONFIGS.parent / "bundles" / "acdc_unet_prune" / "configs" / "recipe.yaml")
+    recipe = load_config(BUNDLE_RECIPE)
     blocks = prunable_blocks(build_model(recipe.model), torch.zeros(1, 1, 32, 32))
     for ratios in sweep.ratios.values():
         assert sorted(ratios) == sorted(blocks)
 
 
 def test_the_smallest_network_study_retrains_for_the_bundle_baselines_whole_schedule():
-    from acdc_prune.config import load_config
-
     sweep, _ = load_sweep(CONFIGS / "acdc-smallest.yaml")
     names = [setting.name for setting in sweep_settings(sweep)]
     assert names == ["taylor-global-macs0.1", "taylor-global-macs0.05"]
-    recipe = load_config(CONFIGS.parent / "bundles" / "acdc_unet_prune" / "configs" / "recipe.yaml")
+    recipe = load_config(BUNDLE_RECIPE)
     assert sweep.modes == ["lr_rewind"] and sweep.retrain_epochs == recipe.training.epochs == 16
 
 
