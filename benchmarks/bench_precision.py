@@ -65,6 +65,8 @@ def networks(config_path: Path, ratios: list[float], models: list[Path]) -> tupl
         plan = plan_pruning(model, torch.randn(1, 1, 64, 64), ratios={"default": ratio})
         nets[f"pruned {ratio:.1%}"] = apply_plan(model, plan).eval()
     for path in models:
+        if path.name in nets:  # rows are keyed by name: a second one would replace the first
+            raise SystemExit(f"--models: two networks are named {path.name}; give distinct folder names")
         nets[path.name] = Checkpoint.open(path).build_model().eval()
     return nets, total_stride(config.model)
 
