@@ -151,12 +151,21 @@ def test_the_short_acdc_study_names_its_arms_and_its_sensitivity_ratios_name_rea
         assert sorted(ratios) == sorted(blocks)
 
 
-def test_the_smallest_network_study_retrains_for_the_bundle_baselines_whole_schedule():
-    sweep, _ = load_sweep(CONFIGS / "acdc-smallest.yaml")
-    names = [setting.name for setting in sweep_settings(sweep)]
-    assert names == ["taylor-global-macs0.1", "taylor-global-macs0.05"]
+@pytest.mark.parametrize(
+    ("config", "arms", "modes", "seeds"),
+    [
+        ("acdc-smallest.yaml", ["taylor-global-macs0.1", "taylor-global-macs0.05"], ["lr_rewind"], []),
+        ("acdc-fastest.yaml", ["taylor-global-macs0.085"], ["lr_rewind"], []),
+        ("acdc-modes-full.yaml", ["taylor-global-macs0.1"], ["none", "random"], [0, 1]),
+    ],
+)
+def test_the_smallest_network_studies_retrain_for_the_baselines_whole_schedule(config, arms, modes, seeds):
+    sweep, _ = load_sweep(CONFIGS / config)
+    assert [setting.name for setting in sweep_settings(sweep)] == arms
     recipe = load_config(BUNDLE_RECIPE)
-    assert sweep.modes == ["lr_rewind"] and sweep.retrain_epochs == recipe.training.epochs == 16
+    assert (sweep.modes, sweep.seeds) == (modes, seeds)
+    assert sweep.retrain_epochs == recipe.training.epochs == 16
+    assert sweep.baseline == "runs/bundle-base/v1"
 
 
 def test_the_demo_prunes_to_a_mac_target_and_rewinds_to_a_checkpoint_its_baseline_keeps(tmp_path):
