@@ -11,7 +11,9 @@ Each network runs four ways on the same number of threads: PyTorch eager in fp32
 under ``torch.autocast("cpu", dtype=torch.bfloat16)`` with the model and input in channels-last;
 onnxruntime's CPU provider on the fp32 ONNX export; and the int8 QDQ model ``acdc-prune quantize``
 writes (onnxruntime static quantization, per-channel int8 weights, uint8 activations, output head
-in float), calibrated here on random slices since the weights are random. Per batch size the four
+in float), calibrated here on random slices since the weights are random. ``--variants`` picks the
+ones timed beside fp32 eager, the reference (leave out ``bf16_channels_last`` on a CPU without native
+bf16, where autocast is emulated and several times slower than fp32). Per batch size the variants
 alternate pass by pass after untimed warm-up passes, so load changes on the machine hit all of
 them; the table gives the median time per slice and the speed-up over the unpruned fp32 eager
 network at the same batch size, measured in one run.
@@ -71,8 +73,10 @@ def networks(config_path: Path, ratios: list[float], models: list[Path]) -> tupl
     return nets, total_stride(config.model)
 
 
-def runners(net: nn.Module, stride: int, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
-    """One function per variant running ``net`` on ``x`` and returning float32 logits."""
+def runners(
+    net: nn.Module, stride: int, x: torch.Tensor, variants: tuple[str, ...]
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """One function per variant of ``variants`` running ``net`` on ``x`` and returning float32 logits."""
     example = torch.randn(2, 1, 3 * stride, 4 * stride)
     exported = export_onnx(net, example, stride)
     calibration = [
@@ -87,12 +91,13 @@ def runners(net: nn.Module, stride: int, x: torch.Tensor) -> dict[str, Callable[
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return channels_last(x_last).float()
 
-    return {
+    runs = {
         "fp32_eager": lambda: net(x),
         "bf16_channels_last": bf16,
         "onnxruntime_fp32": lambda: fp32_onnx(x),
         "int8": lambda: int8(x),
     }
+    return {variant: runs[variant] for variant in variants}
 
 
 def alternate(
@@ -116,15 +121,21 @@ def alternate(
 
 
 def latency(
-    nets: dict[str, nn.Module], stride: int, size: int, batches: list[int], repeats: int, warmup: int
+    nets: dict[str, nn.Module],
+    stride: int,
+    size: int,
+    batches: list[int],
+    repeats: int,
+    warmup: int,
+    variants: tuple[str, ...] = VARIANTS,
 ):
-    """One row per network and batch: per-slice medians of every variant, deviations from fp32 eager."""
+    """One row per network and batch: per-slice medians of each variant, deviations from fp32 eager."""
     rows = []
     for name, net in nets.items():
         for batch in batches:
             x = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(batch))
             with torch.inference_mode():
-                runs = runners(net, stride, x)
+                runs = runners(net, stride, x, variants)
                 times, cpu = alternate(runs, repeats, warmup)
                 reference = net(x)
                 outputs = {variant: run() for variant, run in runs.items()}
@@ -134,7 +145,7 @@ def latency(
                 "macs_per_slice": count_macs(net, (1, 1, size, size)),
                 "batch": batch,
             }
-            for variant in VARIANTS:
+            for variant in variants:
                 row[f"{variant}_ms"] = 1000 * statistics.median(times[variant]) / batch
                 row[f"{variant}_cpu_ms"] = 1000 * statistics.median(cpu[variant]) / batch
                 row[f"{variant}_max_abs_dev"] = float((outputs[variant] - reference).abs().max())
@@ -143,24 +154,24 @@ def latency(
             rows.append(row)
     for row in rows:
         base = next(r for r in rows if r["network"] == "baseline" and r["batch"] == row["batch"])
-        for variant in VARIANTS:
+        for variant in variants:
             row[f"{variant}_speed_up"] = base["fp32_eager_ms"] / row[f"{variant}_ms"]
             row[f"{variant}_cpu_speed_up"] = base["fp32_eager_cpu_ms"] / row[f"{variant}_cpu_ms"]
     return rows
 
 
-def print_table(console: Console, title: str, rows: list[dict]) -> None:
-    """Wall-clock / CPU ms per slice of every variant, and the best speed-ups over the fp32 baseline."""
+def print_table(console: Console, title: str, rows: list[dict], variants: tuple[str, ...]) -> None:
+    """Wall-clock / CPU ms per slice of each variant, and the best speed-ups over the fp32 baseline."""
     table = Table(title=title)
-    for column in ("network", "MACs", "batch", *VARIANTS, "best wall", "best CPU"):
+    for column in ("network", "MACs", "batch", *variants, "best wall", "best CPU"):
         table.add_column(column)
     for row in rows:
-        best = {kind: max(VARIANTS, key=lambda v, k=kind: row[f"{v}{k}_speed_up"]) for kind in ("", "_cpu")}
+        best = {kind: max(variants, key=lambda v, k=kind: row[f"{v}{k}_speed_up"]) for kind in ("", "_cpu")}
         table.add_row(
             row["network"],
             f"{row['macs_per_slice'] / 1e9:.2f}G",
             str(row["batch"]),
-            *(f"{row[f'{v}_ms']:.1f} / {row[f'{v}_cpu_ms']:.1f}" for v in VARIANTS),
+            *(f"{row[f'{v}_ms']:.1f} / {row[f'{v}_cpu_ms']:.1f}" for v in variants),
             *(f"{row[f'{best[k]}{k}_speed_up']:.1f}x {best[k]}" for k in ("", "_cpu")),
         )
     console.print(table)
@@ -190,14 +201,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS[1:],
+        default=list(VARIANTS[1:]),
+        help="variants timed beside fp32 eager, the reference (bf16 is emulated and slow on CPUs without it)",
+    )
     args = parser.parse_args()
+    variants = ("fp32_eager", *dict.fromkeys(args.variants))
     if "OMP_WAIT_POLICY" not in os.environ:  # OpenMP reads it when torch loads: start again with it set
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     torch.set_num_threads(args.threads)
     console = Console()
     nets, stride = networks(args.config, args.ratios, args.models)
     load_before = os.getloadavg()[0]
-    rows = latency(nets, stride, args.size, args.batches, args.repeats, args.warmup)
+    rows = latency(nets, stride, args.size, args.batches, args.repeats, args.warmup, variants)
     result = {
         "command": " ".join(["python", *sys.argv]),
         "config": str(args.config),
@@ -205,6 +224,7 @@ def main() -> None:
         "threads": args.threads,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "variants": list(variants),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "machine": machine(),
@@ -218,7 +238,7 @@ def main() -> None:
     title = (
         f"wall / CPU ms per {args.size}x{args.size} slice, {args.threads} threads, median of {args.repeats}"
     )
-    print_table(console, title, rows)
+    print_table(console, title, rows, variants)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {args.out}")
