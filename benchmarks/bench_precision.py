@@ -4,7 +4,10 @@
 
 The networks are the UNet2D of ``configs/acdc-cpu.yaml`` (widths 16-256, bottleneck 256, batch norm)
 with random weights and randomised norm statistics, and its uniform prunes (L1, ``plan_pruning`` +
-``apply_plan``) at 50% and 69% of the channels of every block (4.0x and 10.2x fewer MACs).
+``apply_plan``) at 50% and 69% of the channels of every block (4.0x and 10.2x fewer MACs);
+``--target-macs 0.1 --round-to 1 8`` adds global L1 prunes to 10% of the MACs with any kept widths and
+with widths in multiples of 8 (onnxruntime's x86 convolutions run in a blocked layout of 8 or 16
+channels).
 ``--models`` adds trained networks (run folders or checkpoint files, pruned ones included, named by
 their folder), timed against the config's unpruned network: give the config they were pruned from.
 Each network runs four ways on the same number of threads: PyTorch eager in fp32; PyTorch eager
@@ -51,21 +54,33 @@ from acdc_prune.engine.cost import count_macs, count_parameters
 from acdc_prune.engine.export import export_onnx
 from acdc_prune.engine.quantize import OnnxModel, quantize_onnx
 from acdc_prune.models import build_model, total_stride
-from acdc_prune.pruning import apply_plan, plan_pruning, randomise_norm_statistics
+from acdc_prune.pruning import apply_plan, plan_pruning, plan_to_budget, randomise_norm_statistics
 
 VARIANTS = ("fp32_eager", "bf16_channels_last", "onnxruntime_fp32", "int8")
 
 
-def networks(config_path: Path, ratios: list[float], models: list[Path]) -> tuple[dict[str, nn.Module], int]:
-    """The config's network (random weights), its uniform prunes at ``ratios`` and the trained
-    ``models`` (run folders or checkpoint files); the config's total stride."""
+def networks(
+    config_path: Path,
+    ratios: list[float],
+    models: list[Path],
+    target_macs: list[float] = (),
+    round_to: list[int] = (1,),
+) -> tuple[dict[str, nn.Module], int]:
+    """The config's network (random weights), its uniform prunes at ``ratios``, its global L1 prunes
+    to each fraction of its MACs in ``target_macs`` with kept widths in multiples of each of
+    ``round_to``, and the trained ``models`` (run folders or checkpoint files); the total stride."""
     config = load_config(config_path, [])
     torch.manual_seed(0)
     model = randomise_norm_statistics(build_model(config.model)).eval()
+    example = torch.randn(1, 1, 64, 64)
     nets = {"baseline": model}
     for ratio in ratios:
-        plan = plan_pruning(model, torch.randn(1, 1, 64, 64), ratios={"default": ratio})
+        plan = plan_pruning(model, example, ratios={"default": ratio})
         nets[f"pruned {ratio:.1%}"] = apply_plan(model, plan).eval()
+    for target in target_macs:
+        for multiple in round_to:
+            plan = plan_to_budget(model, example, target, "macs", "l1", round_to=multiple).plan
+            nets[f"{target:.1%} of MACs, round_to {multiple}"] = apply_plan(model, plan).eval()
     for path in models:
         if path.name in nets:  # rows are keyed by name: a second one would replace the first
             raise SystemExit(f"--models: two networks are named {path.name}; give distinct folder names")
@@ -195,6 +210,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_precision.json"))
     parser.add_argument("--config", type=Path, default=Path("configs/acdc-cpu.yaml"))
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.69], help="uniform pruning ratios")
+    parser.add_argument(
+        "--target-macs", type=float, nargs="*", default=[], help="MAC fractions of global L1 prunes"
+    )
+    parser.add_argument(
+        "--round-to", type=int, nargs="+", default=[1], help="width multiples of those prunes"
+    )
     parser.add_argument("--models", type=Path, nargs="*", default=[], help="trained run folders or .pt files")
     parser.add_argument("--size", type=int, default=224, help="input side in pixels")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -214,7 +235,7 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     torch.set_num_threads(args.threads)
     console = Console()
-    nets, stride = networks(args.config, args.ratios, args.models)
+    nets, stride = networks(args.config, args.ratios, args.models, args.target_macs, args.round_to)
     load_before = os.getloadavg()[0]
     rows = latency(nets, stride, args.size, args.batches, args.repeats, args.warmup, variants)
     result = {
@@ -224,6 +245,8 @@ def main() -> None:
         "threads": args.threads,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "target_macs": args.target_macs,
+        "round_to": args.round_to,
         "variants": list(variants),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
