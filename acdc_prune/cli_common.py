@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +15,7 @@ from rich.console import Console
 console = Console()
 err_console = Console(stderr=True)
 
-_state = {"debug": False}
+_state = {"debug": False, "terminated": False}
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (see configs/); defaults fill the rest.")
@@ -28,15 +31,45 @@ def set_debug(debug: bool) -> None:
     _state["debug"] = debug
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _state["terminated"] = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within the context, SIGTERM stops the command as Ctrl-C does, in the main thread.
+
+    A batch scheduler ends a job that reaches its time limit (or is cancelled: ``scancel``) with
+    SIGTERM, and Python's default action is to die on the spot, leaving staging folders behind and
+    running Ray arms uncancelled. Raised as a ``KeyboardInterrupt`` instead, it takes the Ctrl-C path:
+    the epoch in progress is dropped, ``last.pt`` keeps the last complete one, running sweep arms
+    are cancelled and their staging folders removed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _state["terminated"] = False
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(action: Callable[[], Any]) -> Any:
-    """Run a command body; report known errors as one line and exit non-zero (traceback with --debug)."""
+    """Run a command body; report known errors as one line and exit non-zero (traceback with --debug).
+
+    Ctrl-C exits with 130 and SIGTERM with 143 (128 + the signal), each after one line.
+    """
     from rich.markup import escape
 
     from acdc_prune.errors import AcdcPruneError
     from acdc_prune.render import error_text
 
     try:
-        return action()
+        with sigterm_as_ctrl_c():
+            return action()
     except typer.Exit:
         raise
     except AcdcPruneError as err:
@@ -46,8 +79,9 @@ def run_command(action: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
     except KeyboardInterrupt as err:
         detail = f": {escape(error_text(err))}" if str(err) else ""
-        err_console.print(f"[yellow]interrupted[/]{detail}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        word, code = ("terminated", 143) if _state["terminated"] else ("interrupted", 130)
+        err_console.print(f"[yellow]{word}[/]{detail}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
     except (OSError, MemoryError) as err:
         if _state["debug"]:
             raise

@@ -223,7 +223,14 @@ def test_killed_sweep_resumes_skipping_finished_arms(reference, children, tmp_pa
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(reference, children, tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "word", "code"),
+    [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_or_sigterm_keeps_the_last_epoch_and_says_how_to_resume(
+    reference, children, tmp_path, signum, word, code
+):
     config_file, _ = reference
     runs = tmp_path / "runs"
     pid = children.start(
@@ -232,14 +239,14 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(reference, children,
     stdout, deadline = Path(children.log + ".stdout"), time.monotonic() + 240
     while not (stdout.is_file() and "epoch 1/100" in stdout.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)  # the epoch line comes once epoch 1 is complete, last.pt included
-    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signum)
     finished = children.wait()
     stderr = finished.stderr
-    assert finished.returncode == 130, stderr
+    assert finished.returncode == code, stderr
     assert "Traceback" not in stderr
     (line,) = stderr.strip().splitlines()
     match = re.fullmatch(
-        r"interrupted: stopped in epoch (\d+); (.+)/last\.pt keeps epoch (\d+); "
+        rf"{word}: stopped in epoch (\d+); (.+)/last\.pt keeps epoch (\d+); "
         r"continue with: acdc-prune train --resume (.+)",
         line,
     )

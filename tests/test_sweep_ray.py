@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -16,6 +17,7 @@ from sweep_workspace import trained_baseline
 from typer.testing import CliRunner
 
 from acdc_prune.cli import app
+from acdc_prune.cli_common import sigterm_as_ctrl_c
 from acdc_prune.errors import Interrupted
 from acdc_prune.experiments import ray_executor
 from acdc_prune.experiments.executors import ExecutorOptions, Job, make_executor
@@ -212,22 +214,57 @@ def slow_staged_job(final: str, reporter=None) -> None:
             time.sleep(0.1)
 
 
-def test_ctrl_c_cancels_running_jobs_and_leaves_no_folder(tmp_path):
+def raise_ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
+def send_sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("stop", [raise_ctrl_c, send_sigterm], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_cancels_running_jobs_and_leaves_no_folder(tmp_path, stop):
     arms = tmp_path / "arms"
 
-    def interrupt_once_staged(event):
+    def stop_once_staged(event):
         deadline = time.time() + 20
         while event.state == "running" and not list(arms.glob(".*.partial")) and time.time() < deadline:
             time.sleep(0.1)
         if event.state == "running":
-            raise KeyboardInterrupt
+            stop()
 
     started = time.time()
     runner = make_executor("ray", ExecutorOptions(threads_per_job=1))
-    with runner, pytest.raises(Interrupted, match="run the same command to resume"):
-        runner.run([Job("slow", slow_staged_job, {"final": str(arms / "slow")})], interrupt_once_staged)
+    with sigterm_as_ctrl_c(), runner, pytest.raises(Interrupted, match="run the same command to resume"):
+        runner.run([Job("slow", slow_staged_job, {"final": str(arms / "slow")})], stop_once_staged)
     assert time.time() - started < 40
     assert list(arms.iterdir()) == []
+
+
+def test_starting_ray_keeps_the_command_lines_sigterm_handler(monkeypatch):
+    """``ray.init`` makes SIGTERM call ``sys.exit``, which would skip cancelling the arms."""
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(ray_executor, "import_ray", FakeRay)
+    with sigterm_as_ctrl_c():
+        ours = signal.getsignal(signal.SIGTERM)
+        with make_executor("ray", ExecutorOptions(threads_per_job=1)):
+            assert signal.getsignal(signal.SIGTERM) is ours
+    default = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with make_executor("ray", ExecutorOptions(threads_per_job=1)):  # no handler of the caller's
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, ours)
+    finally:
+        signal.signal(signal.SIGTERM, default)
 
 
 def test_bad_ray_inputs_are_one_line_and_start_nothing(workspace, monkeypatch):

@@ -141,11 +141,18 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return
         extra = {} if address else {"include_dashboard": False}
+        main_thread = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **extra)
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             raise ExecutorError(f"cannot start or join {where}: {error_line(err)}") from None
+        finally:
+            # ray.init makes SIGTERM call sys.exit; a handler the caller set (the command line's, which
+            # stops a sweep as Ctrl-C does, cancelling its arms) stays in charge.
+            if callable(sigterm):
+                signal.signal(signal.SIGTERM, sigterm)
         self._owned = True
 
     def close(self) -> None:
