@@ -97,7 +97,7 @@ def runners(
     calibration = [
         torch.randn(1, 1, *x.shape[2:], generator=torch.Generator().manual_seed(i)) for i in range(8)
     ]
-    int8 = OnnxModel(quantize_onnx(exported, calibration)[0])
+    int8 = OnnxModel(quantize_onnx(exported, calibration)[0]) if "int8" in variants else None
     fp32_onnx = OnnxModel(exported)
     channels_last = copy.deepcopy(net).to(memory_format=torch.channels_last)
     x_last = x.contiguous(memory_format=torch.channels_last)
