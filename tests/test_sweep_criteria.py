@@ -156,7 +156,7 @@ def test_the_short_acdc_study_names_its_arms_and_its_sensitivity_ratios_name_rea
     [
         ("acdc-smallest.yaml", ["taylor-global-macs0.1", "taylor-global-macs0.05"], ["lr_rewind"], []),
         ("acdc-fastest.yaml", ["taylor-global-macs0.085"], ["lr_rewind"], []),
-        ("acdc-modes-full.yaml", ["taylor-global-macs0.1"], ["none", "random"], [0, 1]),
+        ("acdc-modes-full.yaml", ["taylor-global-macs0.1"], ["lr_rewind", "none", "random"], [0, 1, 2]),
     ],
 )
 def test_the_smallest_network_studies_retrain_for_the_baselines_whole_schedule(config, arms, modes, seeds):
