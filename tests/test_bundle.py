@@ -176,6 +176,18 @@ def test_shipped_10x_copy_records_the_post_processing_its_validation_chose():
     assert checkpoint.largest_component("auto") is True
 
 
+def test_shipped_10x_copy_records_the_recipe_its_model_card_names():
+    _, config, _ = load_model(SHIPPED["pruned10x"])
+    pruning = config.pruning
+    assert (pruning.importance, pruning.scope, pruning.target_metric, pruning.target) == (
+        "taylor",
+        "global",
+        "macs",
+        0.1,
+    )
+    assert (pruning.reinit, pruning.retrain_epochs) == ("lr_rewind", config.training.epochs)
+
+
 def test_missing_dataset_dir_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: dataset_dir is not set: pass --dataset_dir"):
         run_bundle("train.yaml", output_dir=str(tmp_path))
