@@ -157,6 +157,7 @@ def test_the_short_acdc_study_names_its_arms_and_its_sensitivity_ratios_name_rea
         ("acdc-smallest.yaml", ["taylor-global-macs0.1", "taylor-global-macs0.05"], ["lr_rewind"], []),
         ("acdc-fastest.yaml", ["taylor-global-macs0.085"], ["lr_rewind"], []),
         ("acdc-modes-full.yaml", ["taylor-global-macs0.1"], ["lr_rewind", "none", "random"], [0, 1, 2]),
+        ("acdc-finetune.yaml", ["taylor-global-macs0.1"], ["none"], [0, 1]),
     ],
 )
 def test_the_smallest_network_studies_retrain_for_the_baselines_whole_schedule(config, arms, modes, seeds):
@@ -166,6 +167,11 @@ def test_the_smallest_network_studies_retrain_for_the_baselines_whole_schedule(c
     assert (sweep.modes, sweep.seeds) == (modes, seeds)
     assert sweep.retrain_epochs == recipe.training.epochs == 16
     assert sweep.baseline == "runs/bundle-base/v1"
+
+
+def test_the_fine_tuning_study_retrains_at_a_tenth_of_the_baselines_peak_rate():
+    sweep, _ = load_sweep(CONFIGS / "acdc-finetune.yaml")
+    assert sweep.retrain_lr == pytest.approx(load_config(BUNDLE_RECIPE).training.lr / 10)
 
 
 def test_the_demo_prunes_to_a_mac_target_and_rewinds_to_a_checkpoint_its_baseline_keeps(tmp_path):
