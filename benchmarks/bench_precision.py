@@ -16,7 +16,9 @@ onnxruntime's CPU provider on the fp32 ONNX export; and the int8 QDQ model ``acd
 writes (onnxruntime static quantization, per-channel int8 weights, uint8 activations, output head
 in float), calibrated here on random slices since the weights are random. ``--variants`` picks the
 ones timed beside fp32 eager, the reference (leave out ``bf16_channels_last`` on a CPU without native
-bf16, where autocast is emulated and several times slower than fp32). Per batch size the variants
+bf16, where autocast is emulated and several times slower than fp32), and can add
+``compiled_fp32``: ``torch.compile`` (inductor, weights frozen into the graph as constants), compiled
+during the warm-up passes (20-30 s per network and batch size on a 2-core CPU). Per batch size the variants
 alternate pass by pass after untimed warm-up passes, so load changes on the machine hit all of
 them; the table gives the median time per slice and the speed-up over the unpruned fp32 eager
 network at the same batch size, measured in one run.
@@ -44,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+import torch._inductor.config
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -56,7 +59,8 @@ from acdc_prune.engine.quantize import OnnxModel, quantize_onnx
 from acdc_prune.models import build_model, total_stride
 from acdc_prune.pruning import apply_plan, plan_pruning, plan_to_budget, randomise_norm_statistics
 
-VARIANTS = ("fp32_eager", "bf16_channels_last", "onnxruntime_fp32", "int8")
+VARIANTS = ("fp32_eager", "bf16_channels_last", "onnxruntime_fp32", "int8", "compiled_fp32")
+DEFAULT_VARIANTS = VARIANTS[1:4]
 
 
 def networks(
@@ -99,6 +103,7 @@ def runners(
     ]
     int8 = OnnxModel(quantize_onnx(exported, calibration)[0]) if "int8" in variants else None
     fp32_onnx = OnnxModel(exported)
+    compiled = torch.compile(net) if "compiled_fp32" in variants else None
     channels_last = copy.deepcopy(net).to(memory_format=torch.channels_last)
     x_last = x.contiguous(memory_format=torch.channels_last)
 
@@ -111,6 +116,7 @@ def runners(
         "bf16_channels_last": bf16,
         "onnxruntime_fp32": lambda: fp32_onnx(x),
         "int8": lambda: int8(x),
+        "compiled_fp32": lambda: compiled(x),
     }
     return {variant: runs[variant] for variant in variants}
 
@@ -226,7 +232,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         choices=VARIANTS[1:],
-        default=list(VARIANTS[1:]),
+        default=list(DEFAULT_VARIANTS),
         help="variants timed beside fp32 eager, the reference (bf16 is emulated and slow on CPUs without it)",
     )
     args = parser.parse_args()
@@ -234,6 +240,7 @@ def main() -> None:
     if "OMP_WAIT_POLICY" not in os.environ:  # OpenMP reads it when torch loads: start again with it set
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     torch.set_num_threads(args.threads)
+    torch._inductor.config.freezing = True  # compiled_fp32: weights as constants, folded into the kernels
     console = Console()
     nets, stride = networks(args.config, args.ratios, args.models, args.target_macs, args.round_to)
     load_before = os.getloadavg()[0]
