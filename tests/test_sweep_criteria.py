@@ -141,10 +141,11 @@ def test_the_short_acdc_study_names_its_arms_and_its_sensitivity_ratios_name_rea
     sweep, _ = load_sweep(CONFIGS / "acdc-criteria-short.yaml")
     names = [setting.name for setting in sweep_settings(sweep)]
     global_arms = [
-        f"{c}-global-macs{t}" for c in ("l1", "taylor", "bn_scale", "redundancy") for t in (0.25, 0.1)
+        f"{c}-global-macs{t}" for c in ("l1", "taylor", "bn_scale", "redundancy") for t in (0.25, 0.1, 0.05)
     ]
-    sensitivity = ["l1-block-sens-macs0.25", "l1-block-sens-macs0.1"]
-    assert names == [*sensitivity, "l1-block-uniform-0.5", "l1-block-uniform-0.7", *global_arms]
+    sensitivity = [f"l1-block-sens-macs{t}" for t in (0.25, 0.1, 0.05)]
+    uniform = [f"l1-block-uniform-{r}" for r in (0.5, 0.7, 0.78)]
+    assert names == [*sensitivity, *uniform, *global_arms]
     recipe = load_config(BUNDLE_RECIPE)
     blocks = prunable_blocks(build_model(recipe.model), torch.zeros(1, 1, 32, 32))
     for ratios in sweep.ratios.values():
