@@ -156,6 +156,23 @@ def test_recalibration_changes_the_score(trained):
     assert len(scorer.calibration()) == 2 and tuple(scorer.calibration()[0].shape) == (4, 1, 64, 64)
 
 
+def test_a_scorer_replaying_the_unpruned_block_outputs_gives_what_running_each_pruned_network_gives(trained):
+    source = Checkpoint.open(trained)
+    config = config_from_dict({**source.config.to_dict(), "pruning": {"calibration_batches": 2}})
+    model = source.build_model()
+    blocks = sensitivity.prunable_blocks(model, example_input(config))
+    training = TrainingSlices(config)
+    replaying, running = Scorer(config, 2, training, reuse_blocks=blocks[:-1]), Scorer(config, 2, training)
+    assert replaying.reference(model) == running(copy.deepcopy(model))
+    for index, block in enumerate(blocks):
+        pruned = apply_plan(model, plan_pruning(model, example_input(config), {block: 0.5}))
+        replayed, computed = copy.deepcopy(pruned), copy.deepcopy(pruned)
+        assert replaying(replayed) == running(computed)
+        assert replaying.skipped == blocks[:index] and running.skipped == []
+        states = zip(replayed.state_dict().values(), computed.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in states)
+
+
 def test_volumes_are_spread_evenly_and_ratios_parsed():
     assert spread(40, 8) == [0, 6, 11, 17, 22, 28, 33, 39]
     assert spread(2, 8) == [0, 1] and spread(5, 1) == [0]

@@ -208,19 +208,21 @@ def _prepare_job(
     model = source.build_model().eval()
     shape = tuple(example_input(config).shape)
     base = Path(model_path) if Path(model_path).is_dir() else Path(config.logging.runs_dir)
+    blocks = prunable_blocks(model, example_input(plan_config))
     job = Job(
         source=source,
         config=config,
         plan_config=plan_config,
         model=model,
-        blocks=prunable_blocks(model, example_input(plan_config)),
+        blocks=blocks,
         ratios=ratios,
         shape=shape,
         macs=fast_macs(model, shape),
         params=count_parameters(model),
         target=float(target_macs),
         out_dir=Path(out) if out is not None else unused_path(base / "sensitivity"),
-        scorer=Scorer(config, volumes, TrainingSlices(config)),
+        # Every row prunes one block, so the blocks before it (never the last) answer from memory.
+        scorer=Scorer(config, volumes, TrainingSlices(config), reuse_blocks=blocks[:-1]),
     )
     _check_reachable(job)
     return job
@@ -290,6 +292,8 @@ def _fill(job: Job, rows: list[dict[str, Any]], reference: float, reporter: Repo
     total = len(job.blocks) * len(job.ratios)
     if total > len(todo):
         reporter.note(f"resuming {job.out_dir}: {total - len(todo)} of {total} rows already computed")
+    if todo:
+        job.scorer.reference(job.model)
     reporter.start("sensitivity", total, total - len(todo), "block x ratio")
     for count, (block, ratio) in enumerate(todo, start=total - len(todo) + 1):
         row = _measure(job, block, ratio, reference)
@@ -381,7 +385,7 @@ def _start(job: Job, reporter: Reporter) -> dict[str, Any]:
     }
     if job.scorer.num_batches > 0 and has_batchnorm(job.model):
         # What recalibration alone does to the unpruned network: a part of every row's loss (or gain).
-        meta["reference_recalibrated"] = job.scorer(copy.deepcopy(job.model))[0]
+        meta["reference_recalibrated"] = job.scorer.reference(job.model)[0]
     job.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(job.out_dir / "meta.json", meta)
     return meta
