@@ -151,6 +151,14 @@ def sensitivity(
         ),
     ] = None,
     overrides: SetOption = None,
+    replay: Annotated[
+        bool,
+        typer.Option(
+            "--replay/--no-replay",
+            help="Keep the unpruned network's block outputs in memory so each row runs from its pruned "
+            "block on (same table, faster); --no-replay saves that memory.",
+        ),
+    ] = True,
 ) -> None:
     """Prune one block at a time at each ratio, recalibrate BatchNorm, score; plots and a ratios.yaml.
 
@@ -173,6 +181,7 @@ def sensitivity(
                 checkpoint=checkpoint,
                 out=out,
                 overrides=overrides,
+                replay=replay,
                 reporter=reporter,
             )
         print_sensitivity(result, console)

@@ -282,3 +282,13 @@ def test_cli_on_a_checkpoint_file_writes_under_the_runs_folder(trained):
     assert meta["settings"]["volumes"] == ["patient003 ED"] and meta["ratios"] == [0.5]
     assert yaml.safe_load((out / "ratios.yaml").read_text())["default"] == 0.0
     assert not (trained / "sensitivity").exists()
+
+
+def test_without_replay_the_cli_writes_the_same_table(trained, analysis, tmp_path):
+    args = ["sensitivity", str(trained), "--ratios", ",".join(map(str, RATIOS)), "--volumes", "2"]
+    args += ["--target-macs", str(TARGET), "--out", str(tmp_path / "sens"), "--no-replay"]
+    result = CliRunner().invoke(app, [*args, "--set", CALIBRATION[0]])
+    assert result.exit_code == 0, result.output
+    columns = ["block", "ratio", "params", "macs", "dice", "dice_RV", "dice_MYO", "dice_LV"]
+    computed = pd.read_csv(tmp_path / "sens" / "sensitivity.csv")[columns]
+    pd.testing.assert_frame_equal(computed, pd.read_csv(analysis.out_dir / "sensitivity.csv")[columns])

@@ -182,6 +182,7 @@ def _prepare_job(
     checkpoint: str,
     out: Path | None,
     overrides: list[str] | None,
+    replay: bool,
 ) -> Job:
     """Check every input and open the model and validation volumes; nothing is written.
 
@@ -221,8 +222,8 @@ def _prepare_job(
         params=count_parameters(model),
         target=float(target_macs),
         out_dir=Path(out) if out is not None else unused_path(base / "sensitivity"),
-        # Every row prunes one block, so the blocks before it (never the last) answer from memory.
-        scorer=Scorer(config, volumes, TrainingSlices(config), reuse_blocks=blocks[:-1]),
+        # Every row prunes one block, so the blocks before it (never the last) can answer from memory.
+        scorer=Scorer(config, volumes, TrainingSlices(config), reuse_blocks=blocks[:-1] if replay else ()),
     )
     _check_reachable(job)
     return job
@@ -401,6 +402,7 @@ def run_sensitivity(
     checkpoint: str = "best",
     out: Path | None = None,
     overrides: list[str] | None = None,
+    replay: bool = True,
     reporter: Reporter | None = None,
 ) -> SensitivityResult:
     """Prune each block alone at each ratio, recalibrate BatchNorm, score, and pick ratios for a MAC target.
@@ -425,6 +427,9 @@ def run_sensitivity(
             ``<logging.runs_dir>/sensitivity/<timestamp>`` for a file).
         overrides: dotted overrides of the run's config (``data.root=...``,
             ``pruning.calibration_batches=4``).
+        replay: record the unpruned network's block outputs on the recalibration batches and the
+            scored volumes (in memory), and run each row only from its pruned block on
+            (:class:`~acdc_prune.experiments.reuse.BlockOutputs`); the table is the same either way.
         reporter: receives the progress over blocks x ratios.
 
     Raises:
@@ -433,7 +438,9 @@ def run_sensitivity(
     """
     started = time.perf_counter()
     reporter = reporter or LogReporter()
-    job = _prepare_job(model_path, ratios, importance, volumes, target_macs, checkpoint, out, overrides)
+    job = _prepare_job(
+        model_path, ratios, importance, volumes, target_macs, checkpoint, out, overrides, replay
+    )
     rows, meta = _previous(job)
     if meta is None:
         meta = _start(job, reporter)
