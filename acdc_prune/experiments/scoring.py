@@ -81,6 +81,7 @@ class Scorer:
         self.training = training
         self.num_batches = config.pruning.calibration_batches
         self._calibration: list[torch.Tensor] | None = None
+        self.reuse_blocks = list(reuse_blocks)
         self._recalibration_outputs = BlockOutputs(reuse_blocks)
         self._scoring_outputs = BlockOutputs(reuse_blocks)
         self._reference: tuple[dict[str, float | None], int] | None = None

@@ -293,8 +293,8 @@ def _fill(job: Job, rows: list[dict[str, Any]], reference: float, reporter: Repo
     total = len(job.blocks) * len(job.ratios)
     if total > len(todo):
         reporter.note(f"resuming {job.out_dir}: {total - len(todo)} of {total} rows already computed")
-    if todo:
-        job.scorer.reference(job.model)
+    if todo and job.scorer.reuse_blocks:
+        job.scorer.reference(job.model)  # recorded once, also when resuming
     reporter.start("sensitivity", total, total - len(todo), "block x ratio")
     for count, (block, ratio) in enumerate(todo, start=total - len(todo) + 1):
         row = _measure(job, block, ratio, reference)
