@@ -11,10 +11,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from acdc_prune.errors import AcdcPruneError
-
-
-def _clone(value: Any) -> Any:
-    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
+from acdc_prune.pruning.tracing import detached_copy
 
 
 def _first_shape(args: tuple) -> tuple[int, ...] | None:
@@ -99,7 +96,7 @@ class BlockOutputs:
             def hook(module: nn.Module, args: tuple, output: Any) -> None:
                 position[0] += 1
                 self.block_end[name] = max(self.block_end.get(name, 0), position[0])
-                self.outputs[name].append(_clone(output))
+                self.outputs[name].append(detached_copy(output))
 
             return hook
 
@@ -160,7 +157,7 @@ class BlockOutputs:
                         f"{index + 1}); replay needs the same inputs in the same order"
                     )
                 calls[name] = index + 1
-                return _clone(self.outputs[name][index])
+                return detached_copy(self.outputs[name][index])
 
             return forward
 

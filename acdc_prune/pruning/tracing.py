@@ -192,7 +192,7 @@ def innermost_module(model: torch.nn.Module, node: torch.fx.Node) -> str:
     return f"`{path}` ({type(model.get_submodule(path)).__name__})"
 
 
-def _detached_copy(value: Any) -> Any:
+def detached_copy(value: Any) -> Any:
     """A copy of a module's output that later in-place operations (``ReLU(inplace=True)``) leave alone."""
     return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
@@ -205,7 +205,7 @@ def _module_outputs(
     called = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_module"}
     hooks = [
         model.get_submodule(name).register_forward_hook(
-            lambda _m, _i, out, name=name: reference.setdefault(name, []).append(_detached_copy(out))
+            lambda _m, _i, out, name=name: reference.setdefault(name, []).append(detached_copy(out))
         )
         for name in sorted(called)
     ]
